@@ -1,0 +1,1 @@
+"""The SQL configuration store: models, sessions, validated writes and the snapshot loader."""

@@ -1,0 +1,159 @@
+"""The immutable in-memory configuration the hot path reads: tenants, extensions, rates, rules.
+
+Built from SQL by ``guard.config.loader`` and swapped atomically when the configuration version
+changes. Nothing here does I/O; every collection is read-only after construction, so the engine
+can share one snapshot between all concurrent calls without locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+
+from guard.domain import DestinationClass, FailMode, Rate, UaLockMode
+
+IPNetwork = IPv4Network | IPv6Network
+
+#: Numbers that are always emergency numbers, whatever the configuration says.
+DEFAULT_EMERGENCY_NUMBERS = frozenset({"112", "911", "999", "000", "110", "118", "119", "15", "17", "18"})
+
+#: User-Agent fragments of known SIP scanners, matched case-insensitively as substrings.
+DEFAULT_SCANNER_PATTERNS: tuple[str, ...] = (
+    "friendly-scanner",
+    "friendly-request",
+    "sipvicious",
+    "sipcli",
+    "sip-scan",
+    "sipsak",
+    "sundayddr",
+    "iwar",
+    "sivus",
+    "gulp",
+    "sipv",
+    "smap",
+    "vaxipuseragent",
+    "vaxsipuseragent",
+    "siparmyknife",
+    "test agent",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WeeklyWindow:
+    """Calls allowed on ``weekday`` (0 = Monday) from ``start`` to ``end`` minutes after midnight.
+
+    ``end <= start`` means the window crosses midnight and ends on the next day at ``end``.
+    ``start == 0 and end == 1440`` is the whole day.
+    """
+
+    weekday: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    """Refuses destinations by prefix and/or class.
+
+    ``max_rate is None``: matching destinations are blocked outright (``destination_blocked``).
+    Otherwise a matching destination whose rate per minute is above ``max_rate`` is refused
+    (``rate_above_cap``). A rule with neither prefix nor class matches every destination.
+    """
+
+    prefix: str | None = None
+    dest_class: DestinationClass | None = None
+    max_rate: int | None = None
+
+
+class PrefixTable:
+    """Rate deck keyed by prefix; longest-prefix lookup is O(number of digits) dict probes."""
+
+    __slots__ = ("_longest", "_rates")
+
+    def __init__(self, rates: Mapping[str, Rate] | None = None) -> None:
+        self._rates: dict[str, Rate] = dict(rates or {})
+        self._longest = max((len(p) for p in self._rates), default=0)
+
+    def __len__(self) -> int:
+        return len(self._rates)
+
+    def lookup(self, number: str) -> Rate | None:
+        """The rate of the longest prefix of ``number``, or ``None``."""
+        rates = self._rates
+        for length in range(min(len(number), self._longest), 0, -1):
+            rate = rates.get(number[:length])
+            if rate is not None:
+                return rate
+        return None
+
+    def items(self) -> list[tuple[str, Rate]]:
+        return sorted(self._rates.items())
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    name: str
+    timezone: str = "UTC"
+    currency: str = "EUR"
+    daily_limit: int | None = None
+    concurrent_limit: int | None = None
+    fail_mode: FailMode = FailMode.DENY
+    international_prefix: str = "00"
+    national_prefix: str = "0"
+    country_code: str = ""
+    #: Longest call any extension of the tenant may make, in seconds.
+    max_call_seconds: int = 3600
+    networks: tuple[IPNetwork, ...] = ()
+    windows: tuple[WeeklyWindow, ...] = ()
+    rules: tuple[DestinationRule, ...] = ()
+    emergency_numbers: frozenset[str] = DEFAULT_EMERGENCY_NUMBERS
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionConfig:
+    tenant: str
+    name: str
+    profile: str
+    allowed_classes: frozenset[DestinationClass]
+    daily_limit: int | None = None
+    concurrent_limit: int | None = None
+    ua_mode: UaLockMode = UaLockMode.OFF
+    #: ``pin``: a glob (``fnmatch``, case-sensitive) the User-Agent must match.
+    #: ``learn``: the learned value, or ``None`` while nothing was learned yet.
+    ua_value: str | None = None
+    locked: bool = False
+    lock_reason: str = ""
+    networks: tuple[IPNetwork, ...] = ()
+    windows: tuple[WeeklyWindow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One consistent view of the whole configuration at ``version``."""
+
+    version: int = 0
+    tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
+    extensions: Mapping[tuple[str, str], ExtensionConfig] = field(default_factory=dict)
+    global_rates: PrefixTable = field(default_factory=PrefixTable)
+    tenant_rates: Mapping[str, PrefixTable] = field(default_factory=dict)
+    global_rules: tuple[DestinationRule, ...] = ()
+    scanner_patterns: tuple[str, ...] = DEFAULT_SCANNER_PATTERNS
+    built_at: float = 0.0
+    build_seconds: float = 0.0
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return self.tenants.get(name)
+
+    def extension(self, tenant: str, name: str) -> ExtensionConfig | None:
+        return self.extensions.get((tenant, name))
+
+    def rate_for(self, tenant: str, normalized_number: str) -> Rate | None:
+        """Tenant deck first, then the global deck (longest prefix within each)."""
+        table = self.tenant_rates.get(tenant)
+        if table is not None:
+            rate = table.lookup(normalized_number)
+            if rate is not None:
+                return rate
+        return self.global_rates.lookup(normalized_number)
