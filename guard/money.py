@@ -8,12 +8,14 @@ arithmetic (tests compare them), so a rule changed here must be changed there to
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
 
 from guard.domain import Rate
 from guard.errors import ValidationError
 
 SUBUNITS = 10_000
+#: A plain ASCII decimal: no exponent, NaN, underscores or non-ASCII digits.
+_DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
 #: Upper bound for any single amount (a limit, a rate): keeps every product below 2**53, which is
 #: where the Lua (double) arithmetic of the ledger stops being exact.
 MAX_AMOUNT = 10_000_000 * SUBUNITS
@@ -24,21 +26,26 @@ MAX_CALL_SECONDS = 86_400
 
 
 def parse_money(text: str, field: str = "amount") -> int:
-    """Parse a decimal string (``"1.25"``) into sub-units; rejects negatives, NaN, excess digits."""
-    try:
-        value = Decimal(text.strip())
-    except (InvalidOperation, AttributeError):
-        raise ValidationError(field, f"not a decimal amount: {text!r}") from None
-    if not value.is_finite():
-        raise ValidationError(field, f"not a finite amount: {text!r}")
-    if value < 0:
-        raise ValidationError(field, f"must not be negative: {text!r}")
-    scaled = value * SUBUNITS
-    if scaled != scaled.to_integral_value():
-        raise ValidationError(field, f"more than 4 decimal places: {text!r}")
-    amount = int(scaled)
+    """Parse a decimal string (``"1.25"``) into sub-units.
+
+    Only plain ASCII decimals with at most 4 places are accepted: no sign, exponent, NaN,
+    underscores or non-ASCII digits, so nothing is rounded silently.
+    """
+    shown = text[:40] + ("…" if len(text) > 40 else "")
+    match = _DECIMAL.fullmatch(text.strip())
+    if match is None:
+        raise ValidationError(field, f"not a decimal amount: {shown!r}")
+    sign, whole = match.group(1), match.group(2)
+    fraction = (match.group(3) or "").rstrip("0")
+    if sign:
+        raise ValidationError(field, f"must not be negative: {shown!r}")
+    if len(fraction) > 4:
+        raise ValidationError(field, f"more than 4 decimal places: {shown!r}")
+    if len(whole.lstrip("0")) > 12:
+        raise ValidationError(field, f"absurdly large: {shown!r} (max {format_money(MAX_AMOUNT)})")
+    amount = int(whole) * SUBUNITS + int(fraction.ljust(4, "0"))
     if amount > MAX_AMOUNT:
-        raise ValidationError(field, f"absurdly large: {text!r} (max {format_money(MAX_AMOUNT)})")
+        raise ValidationError(field, f"absurdly large: {shown!r} (max {format_money(MAX_AMOUNT)})")
     return amount
 
 

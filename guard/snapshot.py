@@ -16,7 +16,9 @@ from guard.domain import DestinationClass, FailMode, Rate, UaLockMode
 IPNetwork = IPv4Network | IPv6Network
 
 #: Numbers that are always emergency numbers, whatever the configuration says.
-DEFAULT_EMERGENCY_NUMBERS = frozenset({"112", "911", "999", "000", "110", "118", "119", "15", "17", "18"})
+DEFAULT_EMERGENCY_NUMBERS = frozenset(
+    {"112", "911", "999", "000", "110", "118", "119", "15", "17", "18"}
+)
 
 #: User-Agent fragments of known SIP scanners, matched case-insensitively as substrings.
 DEFAULT_SCANNER_PATTERNS: tuple[str, ...] = (
