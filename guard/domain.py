@@ -38,6 +38,7 @@ class Reason(StrEnum):
     CONCURRENT_LIMIT_EXTENSION = "concurrent_limit_extension"
     CONCURRENT_LIMIT_TENANT = "concurrent_limit_tenant"
     STORE_UNAVAILABLE = "store_unavailable"
+    OVERLOADED = "overloaded"
     BAD_REQUEST = "bad_request"
 
 

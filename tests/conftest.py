@@ -82,5 +82,7 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not (SHARED / "asterisk").is_dir():
-        pytest.fail(f"../shared/asterisk not found at {SHARED}: CI must put shared/ beside the repo")
+        pytest.fail(
+            f"../shared/asterisk not found at {SHARED}: CI must put shared/ beside the repo"
+        )
     return SHARED

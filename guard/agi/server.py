@@ -1,0 +1,429 @@
+"""The FastAGI server: accepts Asterisk's connections and hands each session to a route handler.
+
+A small router in the panoramisk style: ``app.add_route("authorize", handler)``, where a handler
+is ``async def handler(request: AGIRequest) -> None`` that talks to Asterisk through
+``request.send_command``. The server owns everything around it: the client allow-list, bounded
+reads with timeouts, refusing malformed requests and unknown routes with a DENY the dialplan
+understands, a bound on concurrent sessions, and a graceful shutdown.
+
+Commands go one at a time, each after the previous reply, even in :meth:`AGIRequest.send_commands`.
+Asterisk does not support pipelining: ``run_agi()`` waits with ``poll()`` on the socket and then
+reads a command with ``fgets()`` from a stdio ``FILE``, which pulls every pipelined line into its
+buffer at once; the second and later commands then sit there, unseen by ``poll()``, until more
+bytes arrive, and the session stalls. :class:`guard.agi.testing.FakeAsterisk` reproduces this.
+
+It must never crash on what a peer sends, spin on a dead peer, or log an untrusted value except
+as a structured field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
+from typing import Self
+
+from guard.agi.contract import OVERLOADED, refusal_commands
+from guard.agi.protocol import (
+    HANGUP_LINE,
+    AGIProtocolError,
+    AGIReply,
+    EnvironmentLimits,
+    EnvironmentParser,
+    ReplyParser,
+    agi_arguments,
+    encode_command,
+    parse_request_target,
+)
+from guard.domain import Reason
+from guard.errors import ConfigurationError, GuardError
+from guard.logs import log_fields
+
+log = logging.getLogger("guard.agi")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = tuple[str, int]
+Handler = Callable[["AGIRequest"], Awaitable[None]]
+
+#: Longest wait for a closing connection to flush before it is aborted.
+_CLOSE_TIMEOUT = 1.0
+#: Longest note about an unknown route written to the Asterisk log.
+_NOTE_MAX_CHARS = 80
+
+
+class AGIConnectionError(GuardError):
+    """The peer closed or reset the connection, or did not answer in time."""
+
+
+class _Connection:
+    """One FastAGI connection: bounded line reads, one command/reply turn at a time."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        reply_timeout: float,
+        max_line_bytes: int,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._reply_timeout = reply_timeout
+        self._max_line_bytes = max_line_bytes
+        self._broken: str | None = None
+        self.hung_up = False
+
+    async def read_environment(self, parser: EnvironmentParser) -> None:
+        """Feed ``parser`` until the block's empty line; raises if the peer leaves first."""
+        while not parser.feed(await self._read_line()):
+            pass
+
+    async def send_command(self, command: str) -> AGIReply:
+        return (await self.send_commands([command]))[0]
+
+    async def send_commands(self, commands: Sequence[str]) -> list[AGIReply]:
+        # Every command is checked before the first byte goes out: no half-sent batch.
+        lines = [encode_command(command) for command in commands]
+        return [await self._exchange(line) for line in lines]
+
+    async def _exchange(self, line: bytes) -> AGIReply:
+        if self._broken is not None:
+            raise AGIConnectionError(self._broken)
+        try:
+            async with asyncio.timeout(self._reply_timeout):
+                self._writer.write(line)
+                await self._writer.drain()
+                return await self._read_reply()
+        except TimeoutError as exc:
+            self._broken = f"no reply within {self._reply_timeout:g} s"
+            raise AGIConnectionError(self._broken) from exc
+        except (AGIConnectionError, AGIProtocolError) as exc:
+            self._broken = str(exc)
+            raise
+        except OSError as exc:
+            self._broken = f"connection lost: {exc.__class__.__name__}"
+            raise AGIConnectionError(self._broken) from exc
+
+    async def _read_reply(self) -> AGIReply:
+        parser = ReplyParser()
+        while True:
+            raw = await self._read_line()
+            if len(raw) > self._max_line_bytes:
+                raise AGIProtocolError(f"reply line longer than {self._max_line_bytes} bytes")
+            line = raw[:-1].decode("utf-8", errors="replace")
+            if line == HANGUP_LINE and not parser.in_progress:
+                self.hung_up = True
+                continue
+            reply = parser.feed(line)
+            if reply is not None:
+                return reply
+
+    async def _read_line(self) -> bytes:
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            raise AGIConnectionError("peer closed the connection") from exc
+        except asyncio.LimitOverrunError as exc:
+            raise AGIProtocolError("line longer than the read buffer") from exc
+        except OSError as exc:
+            raise AGIConnectionError(f"connection lost: {exc.__class__.__name__}") from exc
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self._writer.wait_closed()
+        except (TimeoutError, OSError):
+            self._writer.transport.abort()
+
+
+class AGIRequest:
+    """One FastAGI session as a route handler sees it.
+
+    ``env`` is the environment block (``agi_uniqueid``, ``agi_channel``, …), ``path`` and
+    ``query`` the parsed ``agi_network_script``, ``args`` the ``agi_arg_N`` values (positional,
+    split by quotes: untrusted), ``peer`` Asterisk's address. ``hung_up`` becomes true once
+    Asterisk's unsolicited ``HANGUP`` line has been read (it is seen while waiting for a reply);
+    commands keep working after it, as on a dead channel in a hangup handler.
+    """
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str],
+        path: str,
+        query: Mapping[str, str],
+        peer: Address,
+        connection: _Connection,
+    ) -> None:
+        self.env = MappingProxyType(dict(env))
+        self.path = path
+        self.query = query
+        self.args = agi_arguments(env)
+        self.peer = peer
+        self._connection = connection
+
+    @property
+    def hung_up(self) -> bool:
+        return self._connection.hung_up
+
+    async def send_command(self, command: str) -> AGIReply:
+        """Send one command line and wait for its reply.
+
+        Raises :class:`AGIProtocolError` for a command that is not one safe line (nothing is
+        sent) or a reply that is not AGI, and :class:`AGIConnectionError` when the peer leaves or
+        does not answer within the reply timeout; the session cannot continue after either.
+        """
+        return await self._connection.send_command(command)
+
+    async def send_commands(self, commands: Sequence[str]) -> list[AGIReply]:
+        """Send several commands in order and return their replies in the same order.
+
+        All commands are validated before the first is written. They are sent one after the
+        other's reply, never pipelined (see the module docstring: Asterisk stalls on that), so
+        after a failure exactly the commands before the failing one have been answered.
+        """
+        return await self._connection.send_commands(commands)
+
+
+def _networks(allow: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for item in allow:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigurationError(f"agi allow-list: invalid network {item!r}") from exc
+    return tuple(networks)
+
+
+def _peer(writer: asyncio.StreamWriter) -> Address:
+    peername = writer.get_extra_info("peername")
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return str(peername[0]), int(peername[1])
+    return "", 0
+
+
+class AGIServer:
+    """An asyncio FastAGI server with a router of request paths to handlers.
+
+    ``listen``: addresses to bind (port 0 picks a free port; see :attr:`addresses`).
+    ``allow``: networks allowed to connect (``None`` allows every address); others are closed
+    at once. ``env_timeout``/``reply_timeout``: longest wait for the environment block and for
+    each reply. ``session_timeout``: longest whole session. ``max_sessions``: sessions running a
+    handler at once; a request that finds none free within ``overload_wait`` seconds is refused
+    with ``GUARD_REASON=overloaded`` (a quick DENY beats a caller left in silence, and the
+    dialplan fails closed either way).
+    """
+
+    def __init__(
+        self,
+        listen: Sequence[Address] = (("127.0.0.1", 4573),),
+        *,
+        allow: Iterable[str | IPNetwork] | None = None,
+        env_timeout: float = 5.0,
+        reply_timeout: float = 5.0,
+        session_timeout: float = 30.0,
+        max_sessions: int = 1000,
+        overload_wait: float = 1.0,
+        limits: EnvironmentLimits | None = None,
+        backlog: int = 1024,
+    ) -> None:
+        if not listen:
+            raise ConfigurationError("agi: at least one listen address is required")
+        if max_sessions < 1:
+            raise ConfigurationError("agi: max_sessions must be at least 1")
+        self._listen = tuple(listen)
+        self._allow = None if allow is None else _networks(allow)
+        self._env_timeout = env_timeout
+        self._reply_timeout = reply_timeout
+        self._session_timeout = session_timeout
+        self._overload_wait = overload_wait
+        self._limits = limits or EnvironmentLimits()
+        self._backlog = backlog
+        self._slots = asyncio.Semaphore(max_sessions)
+        self._routes: dict[str, Handler] = {}
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[asyncio.Task[object]] = set()
+
+    def add_route(self, path: str, handler: Handler) -> None:
+        """Serve requests for ``path`` (``agi://host/path?…``) with ``handler``."""
+        key = path.strip("/")
+        if key in self._routes:
+            raise ConfigurationError(f"agi: route {key!r} is already registered")
+        self._routes[key] = handler
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound addresses, with the real port where 0 was asked for."""
+        bound: list[Address] = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                bound.append((str(name[0]), int(name[1])))
+        return bound
+
+    @property
+    def active_sessions(self) -> int:
+        """Connections being served right now (from accept to close)."""
+        return len(self._sessions)
+
+    async def start(self) -> None:
+        """Bind every listen address and start accepting."""
+        # The stream limit only bounds one unterminated line; the parsers enforce the real limits.
+        limit = max(self._limits.max_bytes, self._limits.max_line_bytes)
+        try:
+            for host, port in self._listen:
+                server = await asyncio.start_server(
+                    self._on_connection, host, port, limit=limit, backlog=self._backlog
+                )
+                self._servers.append(server)
+        except OSError:
+            await self.shutdown(0)
+            raise
+        log.info("agi listening", extra=log_fields(addresses=self.addresses))
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop accepting, let sessions in flight finish for up to ``grace`` s, cancel the rest."""
+        for server in self._servers:
+            server.close()
+        await asyncio.sleep(0)  # let connections accepted just before close start their session
+        pending = set(self._sessions)
+        if pending and grace > 0:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("agi shutdown cancelled sessions", extra=log_fields(count=len(pending)))
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    def _allowed(self, host: str) -> bool:
+        if self._allow is None:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._allow)
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        peer = _peer(writer)
+        try:
+            if not self._allowed(peer[0]):
+                log.warning(
+                    "agi connection refused: address not allowed", extra=log_fields(peer=peer[0])
+                )
+                writer.close()
+                return
+            connection = _Connection(
+                reader, writer, self._reply_timeout, self._limits.max_line_bytes
+            )
+            try:
+                await self._session(connection, peer)
+            finally:
+                await connection.close()
+        finally:
+            self._sessions.discard(task)
+
+    async def _session(self, connection: _Connection, peer: Address) -> None:
+        started = time.monotonic()
+        fields: dict[str, object] = {"peer": peer[0]}
+        deadline = asyncio.timeout(self._session_timeout)
+        try:
+            async with deadline:
+                await self._serve(connection, peer, fields)
+        except TimeoutError:
+            if deadline.expired():
+                log.warning("agi session exceeded its time limit", extra=log_fields(**fields))
+            else:
+                log.exception("agi route handler failed", extra=log_fields(**fields))
+        except AGIConnectionError as exc:
+            log.info("agi session ended early", extra=log_fields(**fields, error=str(exc)))
+        except AGIProtocolError as exc:
+            log.warning("agi protocol error", extra=log_fields(**fields, error=str(exc)))
+        except Exception:
+            log.exception("agi route handler failed", extra=log_fields(**fields))
+        else:
+            log.debug(
+                "agi session done",
+                extra=log_fields(**fields, ms=round((time.monotonic() - started) * 1000, 1)),
+            )
+
+    async def _serve(
+        self, connection: _Connection, peer: Address, fields: dict[str, object]
+    ) -> None:
+        parser = EnvironmentParser(self._limits)
+        try:
+            async with asyncio.timeout(self._env_timeout):
+                await connection.read_environment(parser)
+        except TimeoutError as exc:
+            raise AGIConnectionError(f"no environment within {self._env_timeout:g} s") from exc
+        except AGIConnectionError as exc:
+            if parser.received == 0:
+                log.debug("agi peer left before its environment", extra=log_fields(**fields))
+                return
+            raise AGIConnectionError(f"incomplete environment: {exc}") from exc
+        # A hard protocol error above propagates: the stream is out of step, nothing is answered.
+        try:
+            env = parser.result()
+            fields["call_id"] = env.get("agi_uniqueid", "")
+            target = parse_request_target(env["agi_network_script"])
+        except (AGIProtocolError, KeyError) as exc:
+            error = str(exc) if isinstance(exc, AGIProtocolError) else "no agi_network_script"
+            log.warning("agi bad request", extra=log_fields(**fields, error=error))
+            await self._refuse(connection, Reason.BAD_REQUEST, "guard: bad request")
+            return
+        fields["route"] = target.path
+        handler = self._routes.get(target.path)
+        if handler is None:
+            log.warning("agi unknown route", extra=log_fields(**fields))
+            note = f"guard: unknown route {target.path[:_NOTE_MAX_CHARS]}"
+            await self._refuse(connection, Reason.BAD_REQUEST, note)
+            return
+        request = AGIRequest(
+            env=env, path=target.path, query=target.query, peer=peer, connection=connection
+        )
+        if not await self._acquire_slot():
+            log.warning("agi overloaded: session refused", extra=log_fields(**fields))
+            await self._refuse(connection, OVERLOADED, "guard: overloaded")
+            return
+        try:
+            await handler(request)
+        finally:
+            self._slots.release()
+
+    async def _acquire_slot(self) -> bool:
+        try:
+            async with asyncio.timeout(self._overload_wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _refuse(self, connection: _Connection, reason: str, note: str) -> None:
+        """Best effort: the dialplan fails closed anyway if this does not reach Asterisk."""
+        try:
+            await connection.send_commands(refusal_commands(reason, note))
+        except (AGIConnectionError, AGIProtocolError) as exc:
+            log.info("agi refusal not delivered", extra=log_fields(error=str(exc)))
