@@ -119,3 +119,27 @@ class TenantCounters:
     day: str
     total: SpendCounters
     extensions: dict[str, SpendCounters]
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionState:
+    """An extension's runtime state in the ledger: the learned User-Agent and the lock."""
+
+    #: ``None`` until a User-Agent is learned (``ua_mode`` learn).
+    learned_user_agent: str | None = None
+    locked: bool = False
+    lock_reason: str = ""
+    #: Epoch seconds.
+    locked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalCounts:
+    """Refused attempts in the last 10 minutes, after counting the one just recorded."""
+
+    #: From this source IP, across all tenants.
+    ip: int
+    #: From this source IP with the same reason.
+    ip_same_reason: int
+    #: Of this extension.
+    extension: int

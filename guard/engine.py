@@ -1,0 +1,445 @@
+"""The decision engine: one call attempt in, one ``Decision`` out; settle and sweep the money.
+
+``authorize`` reads the in-memory snapshot, runs the pure policy checks (rating included), and
+only then makes ONE ledger call that atomically reserves budget and a call slot. No SQL here.
+Every refusal, lock, orphan settle and swept reservation is emitted as an event. When the ledger
+is unreachable the tenant's fail mode decides; emergency numbers are allowed whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from guard.domain import (
+    FAIL_OPEN_CLASSES,
+    CallAttempt,
+    Decision,
+    FailMode,
+    Reason,
+    Result,
+)
+from guard.errors import StorageError
+from guard.events import Event, EventBus, EventKind
+from guard.ledger.protocol import Ledger
+from guard.ledger.types import (
+    ReserveRequest,
+    SettleOutcome,
+    SettleResult,
+    SpendCounters,
+    SweptCall,
+)
+from guard.logs import log_fields
+from guard.money import max_affordable_seconds
+from guard.policy import PolicyResult, evaluate
+from guard.schedule import tenant_day
+from guard.snapshot import Snapshot
+
+log = logging.getLogger("guard.engine")
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    grace_seconds: int = 60
+    fail_open_max_seconds: int = 300
+    emergency_max_seconds: int = 14_400
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """What ``authorize`` would decide now, computed without reserving anything."""
+
+    decision: Decision
+    policy: PolicyResult
+    tenant_today: SpendCounters | None = None
+    extension_today: SpendCounters | None = None
+    store_error: str = ""
+
+
+def _remaining(limit: int | None, counters: SpendCounters) -> int | None:
+    return None if limit is None else limit - counters.spent - counters.reserved
+
+
+class SnapshotHolder:
+    """Holds the current snapshot; a reload that fails keeps the old one and says so."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
+        self.last_error: str = ""
+        self.last_error_at: float = 0.0
+
+    async def reload_forever(
+        self,
+        build: Callable[[], Snapshot],
+        version: Callable[[], Awaitable[int]],
+        interval: float,
+    ) -> None:
+        """Rebuild (in a thread) whenever ``version()`` differs from the current snapshot's."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.reload_if_changed(build, version)
+
+    async def reload_if_changed(
+        self, build: Callable[[], Snapshot], version: Callable[[], Awaitable[int]]
+    ) -> bool:
+        try:
+            wanted = await version()
+            if wanted == self.current.version:
+                return False
+            snapshot = await asyncio.to_thread(build)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error_at = time.time()
+            log.error(
+                "snapshot reload failed; the previous snapshot keeps serving",
+                extra=log_fields(version=self.current.version, error=self.last_error),
+            )
+            return False
+        self.current = snapshot
+        self.last_error = ""
+        log.info(
+            "snapshot reloaded",
+            extra=log_fields(
+                version=snapshot.version,
+                tenants=len(snapshot.tenants),
+                extensions=len(snapshot.extensions),
+                build_seconds=round(snapshot.build_seconds, 3),
+            ),
+        )
+        return True
+
+
+class Engine:
+    """Authorize and settle calls; the adapters (AGI, ARI, CLI) all come through here."""
+
+    def __init__(
+        self,
+        snapshots: SnapshotHolder,
+        ledger: Ledger,
+        events: EventBus,
+        settings: EngineSettings | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.snapshots = snapshots
+        self.ledger = ledger
+        self.events = events
+        self.settings = settings or EngineSettings()
+        self.clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def authorize(self, attempt: CallAttempt) -> Decision:
+        now = self.clock()
+        snapshot = self.snapshots.current
+        policy = evaluate(snapshot, attempt, datetime.fromtimestamp(now, UTC))
+        number = policy.number.e164 if policy.number else ""
+        if policy.is_emergency:
+            return Decision(
+                Result.ALLOW,
+                Reason.EMERGENCY,
+                self.settings.emergency_max_seconds,
+                attempt.call_id,
+                number=policy.number.dialed if policy.number else attempt.number,
+                destination=policy.rate,
+            )
+        if policy.reason is not None:
+            return self._refuse(attempt, policy.reason, number, policy, now)
+        tenant, extension, rate = policy.tenant, policy.extension, policy.rate
+        assert tenant is not None and extension is not None and rate is not None
+        request = ReserveRequest(
+            tenant=tenant.name,
+            extension=extension.name,
+            call_id=attempt.call_id,
+            day=tenant_day(tenant.timezone, now),
+            now=now,
+            rate=rate,
+            number=number,
+            ext_daily_limit=extension.daily_limit,
+            tenant_daily_limit=tenant.daily_limit,
+            ext_concurrent_limit=extension.concurrent_limit,
+            tenant_concurrent_limit=tenant.concurrent_limit,
+            max_call_seconds=tenant.max_call_seconds,
+            grace_seconds=self.settings.grace_seconds,
+            ua_mode=extension.ua_mode,
+            user_agent=attempt.user_agent,
+            source_ip=str(policy.source_ip or ""),
+            channel=attempt.channel,
+        )
+        try:
+            reservation = await self.ledger.reserve(request)
+        except StorageError as exc:
+            decision = self._store_unavailable(attempt, policy, number, str(exc))
+            if not decision.allowed:
+                self._spawn(self._release(tenant.name, attempt.call_id))
+            return decision
+        if reservation.locked_now:
+            self.events.emit(
+                Event(
+                    EventKind.LOCKED,
+                    Reason.USER_AGENT_MISMATCH,
+                    tenant.name,
+                    extension.name,
+                    attempt.source_ip,
+                    attempt.call_id,
+                    {"ua": attempt.user_agent, "learned": extension.ua_value or ""},
+                )
+            )
+        if not reservation.allowed:
+            return self._refuse(attempt, reservation.reason, number, policy, now)
+        return Decision(
+            Result.ALLOW,
+            Reason.ALLOWED,
+            reservation.max_seconds,
+            attempt.call_id,
+            number=number,
+            destination=rate,
+            reserved=reservation.reserved,
+        )
+
+    async def preview(self, attempt: CallAttempt, now: float | None = None) -> Preview:
+        """The decision ``authorize`` would take at ``now``, from today's counters, read-only.
+
+        For ``guard check``: nothing is reserved, learned or counted. Limits are judged from a
+        plain read of the counters, so a call racing with others may still be refused later.
+        """
+        moment = self.clock() if now is None else now
+        policy = evaluate(self.snapshots.current, attempt, datetime.fromtimestamp(moment, UTC))
+        number = policy.number.e164 if policy.number else ""
+        if policy.is_emergency:
+            decision = Decision(
+                Result.ALLOW,
+                Reason.EMERGENCY,
+                self.settings.emergency_max_seconds,
+                attempt.call_id,
+                number=number,
+                destination=policy.rate,
+            )
+            return Preview(decision, policy)
+        if policy.reason is not None:
+            deny = Decision(Result.DENY, policy.reason, 0, attempt.call_id, number, policy.rate)
+            return Preview(deny, policy)
+        tenant, extension, rate = policy.tenant, policy.extension, policy.rate
+        assert tenant is not None and extension is not None and rate is not None
+        try:
+            counters = await self.ledger.counters(tenant.name, tenant_day(tenant.timezone, moment))
+        except StorageError as exc:
+            decision = self._store_unavailable(attempt, policy, number, str(exc), emit=False)
+            return Preview(decision, policy, store_error=str(exc))
+        ext_today = counters.extensions.get(extension.name, SpendCounters())
+        reason = Reason.ALLOWED
+        if (
+            extension.concurrent_limit is not None
+            and ext_today.live_calls >= extension.concurrent_limit
+        ):
+            reason = Reason.CONCURRENT_LIMIT_EXTENSION
+        elif (
+            tenant.concurrent_limit is not None
+            and counters.total.live_calls >= tenant.concurrent_limit
+        ):
+            reason = Reason.CONCURRENT_LIMIT_TENANT
+        ext_left = _remaining(extension.daily_limit, ext_today)
+        tenant_left = _remaining(tenant.daily_limit, counters.total)
+        budgets = [left for left in (ext_left, tenant_left) if left is not None]
+        budget = min(budgets) if budgets else None
+        if budget is None:
+            seconds = tenant.max_call_seconds
+        else:
+            seconds = max_affordable_seconds(rate, budget, tenant.max_call_seconds)
+        if reason is Reason.ALLOWED and seconds == 0:
+            binding_ext = ext_left is not None and (tenant_left is None or ext_left <= tenant_left)
+            reason = Reason.DAILY_LIMIT_EXTENSION if binding_ext else Reason.DAILY_LIMIT_TENANT
+        result = Result.ALLOW if reason is Reason.ALLOWED else Result.DENY
+        decision = Decision(
+            result,
+            reason,
+            seconds if result is Result.ALLOW else 0,
+            attempt.call_id,
+            number=number,
+            destination=rate,
+        )
+        return Preview(decision, policy, counters.total, ext_today)
+
+    def _refuse(
+        self,
+        attempt: CallAttempt,
+        reason: Reason,
+        number: str,
+        policy: PolicyResult,
+        now: float,
+    ) -> Decision:
+        self.events.emit(
+            Event(
+                EventKind.REFUSED,
+                reason,
+                attempt.tenant,
+                attempt.extension,
+                attempt.source_ip,
+                attempt.call_id,
+                {"number": attempt.number, "ua": attempt.user_agent},
+            )
+        )
+        if policy.tenant is not None:
+            self._spawn(self._count_refusal(attempt, reason, now))
+        return Decision(
+            Result.DENY,
+            reason,
+            0,
+            attempt.call_id,
+            number=number,
+            destination=policy.rate,
+        )
+
+    async def _release(self, tenant: str, call_id: str, attempts: int = 20) -> None:
+        """Free a reservation that a timed-out ``reserve`` may have made for a refused call.
+
+        The script may have run although its answer never came back; settling at 0 seconds
+        releases it. If it did not run, the settle only leaves a marker (no event: expected).
+        """
+        delay = 0.5
+        for _ in range(attempts):
+            try:
+                await self.ledger.settle(tenant, call_id, 0, self.clock())
+            except StorageError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                return
+        log.warning(
+            "reservation of a refused call not released; the sweeper will charge it",
+            extra=log_fields(tenant=tenant, call_id=call_id),
+        )
+
+    async def _count_refusal(self, attempt: CallAttempt, reason: Reason, now: float) -> None:
+        try:
+            await self.ledger.record_refusal(
+                attempt.tenant, attempt.extension, attempt.source_ip, reason, now
+            )
+        except StorageError:
+            log.debug("refusal not counted: store unavailable")
+
+    def _store_unavailable(
+        self,
+        attempt: CallAttempt,
+        policy: PolicyResult,
+        number: str,
+        error: str,
+        *,
+        emit: bool = True,
+    ) -> Decision:
+        tenant, rate = policy.tenant, policy.rate
+        assert tenant is not None and rate is not None
+        fail_open = (
+            tenant.fail_mode is FailMode.ALLOW_LOCAL and rate.dest_class in FAIL_OPEN_CLASSES
+        )
+        if emit:
+            self.events.emit(
+                Event(
+                    EventKind.FAIL_OPEN if fail_open else EventKind.STORE_UNAVAILABLE,
+                    Reason.STORE_UNAVAILABLE,
+                    attempt.tenant,
+                    attempt.extension,
+                    attempt.source_ip,
+                    attempt.call_id,
+                    {
+                        "number": attempt.number,
+                        "class": rate.dest_class.value,
+                        "error": error[:200],
+                    },
+                )
+            )
+        if fail_open:
+            return Decision(
+                Result.ALLOW,
+                Reason.STORE_UNAVAILABLE,
+                self.settings.fail_open_max_seconds,
+                attempt.call_id,
+                number=number,
+                destination=rate,
+            )
+        return Decision(
+            Result.DENY,
+            Reason.STORE_UNAVAILABLE,
+            0,
+            attempt.call_id,
+            number=number,
+            destination=rate,
+        )
+
+    async def settle(self, tenant: str, call_id: str, billsec: int) -> SettleResult:
+        """Charge the real cost of a finished call, exactly once (see the ledger)."""
+        result = await self.ledger.settle(tenant, call_id, max(0, billsec), self.clock())
+        detail: dict[str, object] = {"billsec": billsec, "cost": result.cost}
+        if result.outcome is SettleOutcome.UNKNOWN_CALL:
+            self.events.emit(
+                Event(EventKind.ORPHAN_SETTLE, "unknown_call", tenant, "", "", call_id, detail)
+            )
+        elif result.outcome is SettleOutcome.SETTLED_AFTER_SWEEP:
+            self.events.emit(
+                Event(
+                    EventKind.SETTLED_AFTER_SWEEP,
+                    "late_settle",
+                    tenant,
+                    result.extension,
+                    "",
+                    call_id,
+                    detail,
+                )
+            )
+        if result.over_reservation:
+            detail["reserved"] = result.reserved
+            self.events.emit(
+                Event(
+                    EventKind.OVER_RESERVATION,
+                    "call_outlived_limit",
+                    tenant,
+                    result.extension,
+                    "",
+                    call_id,
+                    detail,
+                )
+            )
+        return result
+
+    async def sweep(self) -> list[SweptCall]:
+        """Charge in full every reservation past its deadline, in every tenant."""
+        now = self.clock()
+        swept: list[SweptCall] = []
+        for tenant in list(self.snapshots.current.tenants):
+            calls = await self.ledger.sweep(tenant, now)
+            for call in calls:
+                self.events.emit(
+                    Event(
+                        EventKind.SWEPT,
+                        "reservation_expired",
+                        call.tenant,
+                        call.extension,
+                        "",
+                        call.call_id,
+                        {"charged": call.charged, "deadline": int(call.deadline)},
+                    )
+                )
+            swept.extend(calls)
+        return swept
+
+    async def sweep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except StorageError as exc:
+                log.warning("sweep skipped: store unavailable", extra=log_fields(error=str(exc)))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background refusal counting (shutdown, tests)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

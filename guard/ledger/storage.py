@@ -1,0 +1,196 @@
+"""Choose the ledger's store by URL, as the ``limits`` library does.
+
+``ledger_from_url`` maps a URL scheme to a client factory and wraps the client in a
+``RedisLedger``; the ledger's logic is the same on every backend:
+
+- ``redis://[[user]:password@]host[:port][/db][?options]`` and ``rediss://`` (TLS); options as
+  in redis-py's ``from_url`` (e.g. ``ssl_ca_certs``).
+- ``redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/service_name[/db]``: the
+  master of ``service_name`` as the Sentinels report it (port 26379 by default); the password is
+  the master's.
+- ``redis+cluster://[[user]:password@]host[:port][,host[:port]…]``: a Redis Cluster, found from
+  these startup nodes.
+- ``memory://``: an in-process fake Redis (fakeredis with Lua), shared by every ledger of the
+  process. For a first run and for tests only: counters are neither shared between processes nor
+  durable, which is logged loudly.
+
+A URL this module cannot use raises ``ConfigurationError`` naming it, password masked. Building a
+ledger does no I/O: the first operation connects.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from fakeredis import FakeServer
+from fakeredis.aioredis import FakeRedis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+from guard.errors import ConfigurationError
+from guard.ledger.keys import check_prefix
+from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, Closable, RedisClient, RedisLedger
+
+logger = logging.getLogger(__name__)
+
+MEMORY_WARNING = (
+    "ledger store memory:// keeps spend counters inside this process only: they are NOT shared "
+    "between processes (limits do not hold across several guards) and NOT durable (a restart "
+    "forgets every reservation and all spend). Use redis://, redis+sentinel:// or "
+    "redis+cluster:// in production."
+)
+
+_SENTINEL_PORT = 26379
+#: ``host``, ``host:port``, ``[ipv6]`` or ``[ipv6]:port``.
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]/@,]+))(?::(?P<port>[0-9]+))?")
+_REDIS_PORT = 6379
+
+
+@dataclass(frozen=True, slots=True)
+class _Backend:
+    client: RedisClient
+    also_close: Sequence[Closable] = field(default_factory=tuple)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` option) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        netloc, slash, tail = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+        url = f"{scheme}://{netloc}{slash}{tail}"
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
+
+
+def _client_options(timeout: float) -> dict[str, Any]:
+    """Options of every connection: bounded waits, no retry, text replies, RESP2."""
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        "encoding_errors": "replace",
+        "protocol": 2,
+    }
+
+
+def _split_netloc(
+    rest: str, default_port: int
+) -> tuple[str | None, str | None, list[tuple[str, int]], str]:
+    """Split ``[user[:password]@]host[:port][,…][/path]`` into credentials, hosts and path."""
+    netloc, _, path = rest.partition("/")
+    if "?" in path or "?" in netloc:
+        raise ValueError("query options are not supported with this scheme")
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    hosts: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        match = _HOST.fullmatch(item)
+        if match is None:
+            raise ValueError(f"not a host[:port]: {item!r}")
+        host = match["ipv6"] or match["name"]
+        hosts.append((host, int(match["port"]) if match["port"] else default_port))
+    return username, password, hosts, path
+
+
+def _redis(url: str, timeout: float) -> _Backend:
+    return _Backend(Redis.from_url(url, **_client_options(timeout)))
+
+
+def _sentinel(url: str, timeout: float) -> _Backend:
+    username, password, hosts, path = _split_netloc(url.partition("://")[2], _SENTINEL_PORT)
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("the service name is missing (…/service_name[/db])")
+    options = _client_options(timeout)
+    sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(
+        service, db=int(db) if db else 0, username=username, password=password
+    )
+    return _Backend(client, also_close=(sentinel,))
+
+
+def _cluster(url: str, timeout: float) -> _Backend:
+    username, password, hosts, path = _split_netloc(url.partition("://")[2], _REDIS_PORT)
+    if path.strip("/"):
+        raise ValueError("a cluster URL has no path (no database number in a cluster)")
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+        username=username,
+        password=password,
+        **_client_options(timeout),
+    )
+    return _Backend(client)
+
+
+@functools.cache
+def _memory_server() -> FakeServer:
+    return FakeServer(version=(7,))
+
+
+def _memory(url: str, timeout: float) -> _Backend:
+    if url.partition("://")[2].strip("/"):
+        raise ValueError("memory:// takes no host, path or options")
+    logger.warning(MEMORY_WARNING)
+    options = _client_options(timeout)
+    return _Backend(FakeRedis(server=_memory_server(), **options))
+
+
+#: URL scheme -> factory of the client that serves it.
+BACKENDS: dict[str, Callable[[str, float], _Backend]] = {
+    "redis": _redis,
+    "rediss": _redis,
+    "redis+sentinel": _sentinel,
+    "redis+cluster": _cluster,
+    "memory": _memory,
+}
+
+
+def ledger_from_url(
+    url: str, *, prefix: str = "guard", timeout: float = DEFAULT_TIMEOUT
+) -> RedisLedger:
+    """The ledger on the store named by ``url`` (see the module docstring for the schemes).
+
+    ``timeout`` (seconds) bounds every operation, connection included; ``prefix`` starts every
+    key, so several Guard installations can share one Redis.
+    """
+    masked = mask_url(url)
+    check_prefix(prefix)
+    scheme, sep, _ = url.partition("://")
+    factory = BACKENDS.get(scheme.lower()) if sep else None
+    if factory is None:
+        raise ConfigurationError(
+            f"ledger URL {masked!r} is not supported: use one of "
+            + ", ".join(f"{name}://" for name in BACKENDS)
+        )
+    if not timeout > 0:
+        raise ConfigurationError(f"ledger timeout must be positive, not {timeout!r}")
+    try:
+        backend = factory(url, timeout)
+    except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
+        raise ConfigurationError(f"ledger URL {masked!r} is invalid: {exc}") from exc
+    return RedisLedger(
+        backend.client,
+        prefix=prefix,
+        timeout=timeout,
+        url=masked,
+        also_close=backend.also_close,
+    )

@@ -1,0 +1,163 @@
+"""Helpers shared by the ledger tests: request builders and private Redis servers.
+
+A private ``redis-server`` (a plain one, a one-node Cluster, or a master with a Sentinel) runs on a
+free loopback port so that a test may stop, pause or flush it without disturbing the shared test
+Redis that other tests use at the same time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from guard.domain import DestinationClass, Rate
+from guard.ledger.types import ReserveRequest
+
+REDIS_SERVER = "/usr/bin/redis-server"
+DAY = "20240501"
+NOW = 1_714_550_400.0  # 2024-05-01T08:00:00Z
+
+#: 0.60 a minute, per-second billing after the first 30 seconds.
+RATE = Rate(
+    prefix="33",
+    name="France",
+    dest_class=DestinationClass.INTERNATIONAL,
+    rate_per_minute=6_000,
+    connect_fee=100,
+    initial_increment=30,
+    subsequent_increment=1,
+)
+FREE = Rate(
+    prefix="0800", name="Freephone", dest_class=DestinationClass.TOLLFREE, rate_per_minute=0
+)
+
+_REQUEST = ReserveRequest(
+    tenant="acme",
+    extension="100",
+    call_id="call-1",
+    day=DAY,
+    now=NOW,
+    rate=RATE,
+    number="33123456789",
+    ext_daily_limit=None,
+    tenant_daily_limit=None,
+    ext_concurrent_limit=None,
+    tenant_concurrent_limit=None,
+    max_call_seconds=3_600,
+    grace_seconds=60,
+    source_ip="192.0.2.10",
+    channel="PJSIP/100-00000001",
+)
+
+
+def request(**changes: Any) -> ReserveRequest:
+    """A valid reservation request for tenant ``acme``, extension ``100``, with ``changes``."""
+    return replace(_REQUEST, **changes)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("a private redis-server did not become ready")
+        time.sleep(0.02)
+
+
+class RedisProcess:
+    """One private ``redis-server`` on a free loopback port, without persistence."""
+
+    def __init__(self, workdir: Path, *options: str, config_file: Path | None = None) -> None:
+        self.workdir = workdir
+        self.options = options
+        self.config_file = config_file
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def start(self) -> RedisProcess:
+        args = [REDIS_SERVER] + ([str(self.config_file)] if self.config_file else [])
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        args += ["no", "--dir", str(self.workdir), *self.options]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self.ready(lambda client: client.ping())
+
+    def ready(self, check: Callable[[redis.Redis], object]) -> RedisProcess:
+        """Wait until ``check`` passes on this server; stop the server if it never does."""
+        client = self.client()
+        try:
+            wait_until(lambda: check(client))
+        except AssertionError:
+            self.stop()
+            raise
+        finally:
+            client.close()
+        return self
+
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def start_cluster(workdir: Path) -> RedisProcess:
+    """A one-node Redis Cluster that owns every slot."""
+    node = RedisProcess(
+        workdir,
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(workdir / "nodes.conf"),
+    ).start()
+    try:
+        with node.client() as client:
+            client.cluster("ADDSLOTSRANGE", 0, 16383)
+    except redis.RedisError:
+        node.stop()
+        raise
+    return node.ready(lambda client: client.cluster("info")["cluster_state"] == "ok")
+
+
+def start_sentinel(workdir: Path, master: RedisProcess, service: str) -> RedisProcess:
+    """A Sentinel that monitors ``master`` as ``service``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "sentinel.conf"
+    config.write_text(f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n")
+    sentinel = RedisProcess(workdir, "--sentinel", config_file=config).start()
+    return sentinel.ready(lambda client: client.sentinel_get_master_addr_by_name(service))
