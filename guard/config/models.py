@@ -56,6 +56,13 @@ class Tenant(Base):
     max_call_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Refused attempts from one IP in the window that block it, and the block's length in
+    #: seconds; NULL: the global settings (migration 0002).
+    block_threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    block_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: GeoIP country list: ``off``, ``allow`` or ``deny`` the comma-separated ISO codes.
+    country_mode: Mapped[str] = mapped_column(String(8), default="off", server_default="off")
+    countries: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
     extensions: Mapped[list[Extension]] = relationship(
         back_populates="tenant", cascade="all, delete-orphan", passive_deletes=True
@@ -96,6 +103,9 @@ class Extension(Base):
     lock_reason: Mapped[str] = mapped_column(String(255), default="")
     locked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: GeoIP country list of the extension, checked besides the tenant's (migration 0002).
+    country_mode: Mapped[str] = mapped_column(String(8), default="off", server_default="off")
+    countries: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
     tenant: Mapped[Tenant] = relationship(back_populates="extensions")
     profile: Mapped[RoutingProfile | None] = relationship()
@@ -222,3 +232,40 @@ class ConfigMeta(Base):
 
     key: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class IpAllow(Base):
+    """A source network never blocked: for every tenant (``tenant_id`` NULL) or for one."""
+
+    __tablename__ = "ip_allow"
+    __table_args__ = (UniqueConstraint("tenant_id", "cidr"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True
+    )
+    cidr: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LimitRaise(Base):
+    """A temporary daily limit of a tenant (or of one extension) until ``expires_at``.
+
+    The snapshot applies the raises active when it is built, and is rebuilt when the earliest
+    one ends, so a raise lapses by itself.
+    """
+
+    __tablename__ = "limit_raises"
+    __table_args__ = (Index("ix_limit_raises_expires_at", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    extension_id: Mapped[int | None] = mapped_column(
+        ForeignKey("extensions.id", ondelete="CASCADE"), nullable=True
+    )
+    daily_limit: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str] = mapped_column(String(255), default="")
+    actor: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
