@@ -40,6 +40,8 @@ class Reason(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     OVERLOADED = "overloaded"
     BAD_REQUEST = "bad_request"
+    #: The dialed number starts with a prefix of an imported fraud-number threat list.
+    THREAT_NUMBER = "threat_number"
 
 
 class DestinationClass(StrEnum):
@@ -65,10 +67,26 @@ class FailMode(StrEnum):
     ALLOW_LOCAL = "allow_local"
 
 
+class ReservationMode(StrEnum):
+    """How a tenant's calls hold budget: the longest affordable call at once (``call``), or one
+    slice at a time, extended while the call lasts and the budget allows (``interval``)."""
+
+    CALL = "call"
+    INTERVAL = "interval"
+
+
 class UaLockMode(StrEnum):
     OFF = "off"
     PIN = "pin"
     LEARN = "learn"
+
+
+class CountryMode(StrEnum):
+    """How a tenant's or an extension's country list reads: no list, only these, or not these."""
+
+    OFF = "off"
+    ALLOW = "allow"
+    DENY = "deny"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +133,10 @@ class Decision:
     destination: Rate | None = None
     reserved: int = 0
     detail: str = ""
+    #: Interval reservation: ``max_seconds`` is only the first slice, which Guard extends while
+    #: the call lasts and the budget allows, up to ``cap_seconds`` (what the dialplan dials
+    #: with). 0 when the whole call is reserved at once.
+    cap_seconds: int = 0
 
     @property
     def allowed(self) -> bool:

@@ -2,8 +2,15 @@
 
 ``authorize`` reads the in-memory snapshot, runs the pure policy checks (rating included), and
 only then makes ONE ledger call that atomically reserves budget and a call slot. No SQL here.
-Every refusal, lock, orphan settle and swept reservation is emitted as an event. When the ledger
-is unreachable the tenant's fail mode decides; emergency numbers are allowed whatever happens.
+Every refusal, lock, block, spend warning, orphan settle and swept reservation is emitted as an
+event. When the ledger is unreachable the tenant's fail mode decides; emergency numbers are
+allowed whatever happens.
+
+The perimeter (``guard.perimeter``) comes first: a blocked source IP is refused with
+``ip_blocked`` before any other check, from in-process state (no Redis round trip on the allowed
+path), and is not counted again. Every other refusal is counted in the background; the count
+blocks the IP atomically once it passes the threshold (a scanner User-Agent at once), and that
+refusal emits the one ``ip_blocked`` event of the block.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from datetime import UTC, datetime
 from guard.domain import (
     FAIL_OPEN_CLASSES,
     CallAttempt,
+    CheckOutcome,
     Decision,
     FailMode,
     Reason,
@@ -27,6 +35,8 @@ from guard.errors import StorageError
 from guard.events import Event, EventBus, EventKind
 from guard.ledger.protocol import Ledger
 from guard.ledger.types import (
+    IpBlock,
+    Reservation,
     ReserveRequest,
     SettleOutcome,
     SettleResult,
@@ -35,13 +45,20 @@ from guard.ledger.types import (
 )
 from guard.logs import log_fields
 from guard.money import max_affordable_seconds
-from guard.policy import PolicyResult, evaluate
+from guard.perimeter import Perimeter
+from guard.policy import PolicyResult, evaluate, parse_source_ip
+from guard.rating import is_emergency_number
 from guard.schedule import tenant_day
-from guard.snapshot import Snapshot
+from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
 
 log = logging.getLogger("guard.engine")
 
 Clock = Callable[[], float]
+#: Spend warnings already emitted by this process (tenant, extension, day) are not emitted
+#: again; past this many the memory is cleared (a new day's keys differ anyway).
+_SPEND_SEEN_MAX = 100_000
+#: Default length of the refusal windows without a perimeter (see ``RedisLedger``).
+_WINDOW_MINUTES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +66,8 @@ class EngineSettings:
     grace_seconds: int = 60
     fail_open_max_seconds: int = 300
     emergency_max_seconds: int = 14_400
+    #: Settled spend at this share of a daily limit (percent) emits ``spend_warning``.
+    spend_warn_percent: int = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +88,11 @@ def _remaining(limit: int | None, counters: SpendCounters) -> int | None:
 class SnapshotHolder:
     """Holds the current snapshot; a reload that fails keeps the old one and says so."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, clock: Clock = time.time) -> None:
         self.current = snapshot
         self.last_error: str = ""
         self.last_error_at: float = 0.0
+        self.clock = clock
 
     async def reload_forever(
         self,
@@ -80,7 +100,8 @@ class SnapshotHolder:
         version: Callable[[], Awaitable[int]],
         interval: float,
     ) -> None:
-        """Rebuild (in a thread) whenever ``version()`` differs from the current snapshot's."""
+        """Rebuild (in a thread) whenever ``version()`` differs from the current snapshot's, or
+        a temporary limit raise it applies has ended."""
         while True:
             await asyncio.sleep(interval)
             await self.reload_if_changed(build, version)
@@ -90,7 +111,8 @@ class SnapshotHolder:
     ) -> bool:
         try:
             wanted = await version()
-            if wanted == self.current.version:
+            expires = self.current.expires_at
+            if wanted == self.current.version and (expires is None or self.clock() < expires):
                 return False
             snapshot = await asyncio.to_thread(build)
         except Exception as exc:
@@ -125,18 +147,27 @@ class Engine:
         events: EventBus,
         settings: EngineSettings | None = None,
         clock: Clock = time.time,
+        perimeter: Perimeter | None = None,
     ) -> None:
         self.snapshots = snapshots
         self.ledger = ledger
         self.events = events
         self.settings = settings or EngineSettings()
         self.clock = clock
+        #: Blocks, allow-lists, threat lists and GeoIP; ``None``: no perimeter checks. The
+        #: composition root may set it after construction (before serving).
+        self.perimeter = perimeter
         self._background: set[asyncio.Task[None]] = set()
+        self._spend_seen: set[tuple[str, str, str]] = set()
 
     async def authorize(self, attempt: CallAttempt) -> Decision:
         now = self.clock()
         snapshot = self.snapshots.current
-        policy = evaluate(snapshot, attempt, datetime.fromtimestamp(now, UTC))
+        blocked = self._blocked(snapshot, attempt, now)
+        if blocked is not None:
+            return self._refuse(attempt, Reason.IP_BLOCKED, "", blocked, now, count=False)
+        extra = self.perimeter.checks if self.perimeter is not None else ()
+        policy = evaluate(snapshot, attempt, datetime.fromtimestamp(now, UTC), extra)
         number = policy.number.e164 if policy.number else ""
         if policy.is_emergency:
             return Decision(
@@ -151,11 +182,12 @@ class Engine:
             return self._refuse(attempt, policy.reason, number, policy, now)
         tenant, extension, rate = policy.tenant, policy.extension, policy.rate
         assert tenant is not None and extension is not None and rate is not None
+        day = tenant_day(tenant.timezone, now)
         request = ReserveRequest(
             tenant=tenant.name,
             extension=extension.name,
             call_id=attempt.call_id,
-            day=tenant_day(tenant.timezone, now),
+            day=day,
             now=now,
             rate=rate,
             number=number,
@@ -189,6 +221,7 @@ class Engine:
                     {"ua": attempt.user_agent, "learned": extension.ua_value or ""},
                 )
             )
+        self._spend_events(attempt, tenant, extension, day, reservation)
         if not reservation.allowed:
             return self._refuse(attempt, reservation.reason, number, policy, now)
         return Decision(
@@ -208,7 +241,13 @@ class Engine:
         plain read of the counters, so a call racing with others may still be refused later.
         """
         moment = self.clock() if now is None else now
-        policy = evaluate(self.snapshots.current, attempt, datetime.fromtimestamp(moment, UTC))
+        snapshot = self.snapshots.current
+        blocked = self._blocked(snapshot, attempt, moment)
+        if blocked is not None:
+            deny = Decision(Result.DENY, Reason.IP_BLOCKED, 0, attempt.call_id)
+            return Preview(deny, blocked)
+        extra = self.perimeter.checks if self.perimeter is not None else ()
+        policy = evaluate(snapshot, attempt, datetime.fromtimestamp(moment, UTC), extra)
         number = policy.number.e164 if policy.number else ""
         if policy.is_emergency:
             decision = Decision(
@@ -271,6 +310,8 @@ class Engine:
         number: str,
         policy: PolicyResult,
         now: float,
+        *,
+        count: bool = True,
     ) -> Decision:
         self.events.emit(
             Event(
@@ -283,8 +324,8 @@ class Engine:
                 {"number": attempt.number, "ua": attempt.user_agent},
             )
         )
-        if policy.tenant is not None:
-            self._spawn(self._count_refusal(attempt, reason, now))
+        if count:
+            self._spawn(self._count_refusal(attempt, reason, policy, now))
         return Decision(
             Result.DENY,
             reason,
@@ -314,13 +355,106 @@ class Engine:
             extra=log_fields(tenant=tenant, call_id=call_id),
         )
 
-    async def _count_refusal(self, attempt: CallAttempt, reason: Reason, now: float) -> None:
+    def _blocked(self, snapshot: Snapshot, attempt: CallAttempt, now: float) -> PolicyResult | None:
+        """The refusal of a call from a blocked source IP, else ``None`` (no I/O).
+
+        Emergency numbers pass even from a blocked address.
+        """
+        perimeter = self.perimeter
+        if perimeter is None or not len(perimeter.blocks):
+            return None
+        tenant = snapshot.tenant(attempt.tenant)
+        block = perimeter.blocked(parse_source_ip(attempt.source_ip), tenant, snapshot, now)
+        if block is None or is_emergency_number(tenant, attempt.number):
+            return None
+        ends = "until unblocked" if block.until is None else f"until {int(block.until)}"
+        detail = f"{block.ip} is blocked {ends}: {block.reason}"
+        outcome = CheckOutcome("ip_block", False, Reason.IP_BLOCKED, detail)
+        return PolicyResult(Reason.IP_BLOCKED, (outcome,), tenant=tenant)
+
+    async def _count_refusal(
+        self, attempt: CallAttempt, reason: Reason, policy: PolicyResult, now: float
+    ) -> None:
+        """Count the refusal per source IP (every tenant) and per extension (known tenants);
+        the IP's count may block it, which emits the block's one ``ip_blocked`` event."""
+        perimeter, tenant = self.perimeter, policy.tenant
+        address = policy.source_ip or parse_source_ip(attempt.source_ip)
+        rule = None
+        window = _WINDOW_MINUTES
+        if perimeter is not None:
+            rule = perimeter.block_rule(address, reason, tenant, self.snapshots.current)
+            window = perimeter.settings.window_minutes
         try:
-            await self.ledger.record_refusal(
-                attempt.tenant, attempt.extension, attempt.source_ip, reason, now
+            counts = await self.ledger.record_refusal(
+                tenant.name if tenant is not None else "",
+                attempt.extension if tenant is not None else "",
+                str(address) if address is not None else attempt.source_ip,
+                reason,
+                now,
+                block=rule,
+                window_minutes=window,
             )
         except StorageError:
             log.debug("refusal not counted: store unavailable")
+            return
+        if perimeter is not None:
+            perimeter.note(counts)
+        if counts.blocked_now and counts.block is not None:
+            self._emit_block(attempt, counts.block)
+
+    def _emit_block(self, attempt: CallAttempt, block: IpBlock) -> None:
+        self.events.emit(
+            Event(
+                EventKind.IP_BLOCKED,
+                block.reason,
+                attempt.tenant,
+                attempt.extension,
+                block.ip,
+                attempt.call_id,
+                {
+                    "until": "-" if block.until is None else int(block.until),
+                    "refusals": block.refusals,
+                    "ua": attempt.user_agent,
+                },
+            )
+        )
+
+    def _spend_events(
+        self,
+        attempt: CallAttempt,
+        tenant: TenantConfig,
+        extension: ExtensionConfig,
+        day: str,
+        reservation: Reservation,
+    ) -> None:
+        """``spend_warning`` when settled spend reached the warning share of a daily limit, once
+        a day per scope in this process (the alerts de-duplicate across processes). A used-up
+        limit needs no event of its own: it is the refusal (``daily_limit_*``)."""
+        scopes = (
+            (Reason.DAILY_LIMIT_EXTENSION, extension.name, extension.daily_limit),
+            (Reason.DAILY_LIMIT_TENANT, "", tenant.daily_limit),
+        )
+        spent_of = (reservation.ext_spent, reservation.tenant_spent)
+        for (limit_reason, ext_name, limit), spent in zip(scopes, spent_of, strict=True):
+            if not limit or spent * 100 < limit * self.settings.spend_warn_percent:
+                continue
+            seen = (tenant.name, ext_name, day)
+            if seen in self._spend_seen:
+                continue
+            if len(self._spend_seen) >= _SPEND_SEEN_MAX:
+                self._spend_seen.clear()
+            self._spend_seen.add(seen)
+            self.events.emit(
+                Event(
+                    EventKind.SPEND_WARNING,
+                    limit_reason,
+                    tenant.name,
+                    ext_name,
+                    attempt.source_ip,
+                    attempt.call_id,
+                    {"spent": spent, "limit": limit, "percent": spent * 100 // limit, "day": day},
+                )
+            )
 
     def _store_unavailable(
         self,

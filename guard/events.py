@@ -41,6 +41,12 @@ class EventKind:
     STORE_UNAVAILABLE = "store_unavailable"
     FAIL_OPEN = "fail_open"
     ADMIN = "admin"
+    #: Guard hung up a live call over ARI: its interval reservation could not be extended, or
+    #: an alert rule cut the calls of a locked extension (the reason says which).
+    CALL_CUT = "call_cut"
+    #: Settled spend reached the warning share (80% by default) of a daily limit. A used-up
+    #: limit is the ``refused`` event with reason ``daily_limit_extension``/``_tenant``.
+    SPEND_WARNING = "spend_warning"
 
 
 def safe_ip(text: str) -> str:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from guard.domain import CallAttempt, CheckOutcome, Rate, Reason, UaLockMode
 from guard.errors import ConfigurationError, ValidationError
+from guard.money import format_money
 from guard.rating import (
     NormalizedNumber,
     emergency_rate,
@@ -349,8 +350,8 @@ def check_rate_cap(ctx: CheckContext) -> CheckOutcome | None:
             return _failed(
                 "rate_cap",
                 Reason.RATE_ABOVE_CAP,
-                f"rate {rate.rate_per_minute}/min is above the cap {rule.max_rate}/min of "
-                f"{_describe_rule(rule)}",
+                f"rate {format_money(rate.rate_per_minute)}/min is above the cap "
+                f"{format_money(rule.max_rate)}/min of {_describe_rule(rule)}",
             )
     return _RATE_CAP_OK
 

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from guard.errors import ConfigurationError
 
 Listen = tuple[str, int]
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: A secret in a URL's query (``?password=…``, libpq's ``sslpassword=…``).
+_SECRET_OPTION = re.compile(r"(?i)([?&](?:password|passwd|pwd|sslpassword)=)[^&]*")
 
 
 def parse_listen(text: str) -> Listen:
@@ -92,8 +95,69 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _ari_url(text: str) -> str:
+    """Empty (ARI off), or ``http(s)://host[:port]/path`` without credentials."""
+    url = text.strip().rstrip("/")
+    if not url:
+        return ""
+    scheme, sep, rest = url.partition("://")
+    if scheme.lower() not in {"http", "https"} or not sep or not rest:
+        raise ValueError(f"expected http://host:8088/ari, got {text!r}")
+    if "@" in rest.partition("/")[0]:
+        raise ValueError("give the ARI user and password separately, not in the URL")
+    return url
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
+
+
+def _url_list(text: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URLs (webhooks)."""
+    urls = tuple(part.strip() for part in text.split(",") if part.strip())
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {_url_host(url)!r}")
+    return urls
+
+
+def _url_host(url: str) -> str:
+    """``scheme://host[:port]/…``: webhook URLs carry their secret in the path or query."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "***"
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}/…"
+
+
+def _address_list(text: str) -> tuple[str, ...]:
+    """Comma-separated e-mail addresses (``user@domain``; no names, no line breaks)."""
+    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
+    for address in addresses:
+        local, at, domain = address.rpartition("@")
+        if not at or not local or "." not in domain or not address.isprintable() or " " in address:
+            raise ValueError(f"not an e-mail address: {address!r}")
+    return addresses
+
+
+def _optional_listen(text: str) -> Listen | None:
+    return parse_listen(text) if text.strip() else None
+
+
+def _password_hash(text: str) -> str:
+    value = text.strip()
+    if value and (not value.startswith("scrypt:") or value.count(":") != 5):
+        raise ValueError("not a hash made by `guard dashboard hash-password`")
+    return value
+
+
+def _token(text: str) -> str:
+    value = text.strip()
+    if value and len(value) < 32:
+        raise ValueError("too short: use at least 32 random characters")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +258,216 @@ SETTINGS: tuple[Setting, ...] = (
         "`text` (key=value, one event a line) or `json` (one object a line)",
     ),
     Setting("log_level", "INFO", _choice("debug", "info", "warning", "error"), "Log level"),
+    Setting(
+        "metrics_listen",
+        "127.0.0.1:9573",
+        _optional_listen,
+        "`guard serve`'s Prometheus `/metrics` listener, HOST:PORT; empty turns it off",
+    ),
+    Setting(
+        "metrics_max_tenants",
+        "200",
+        _bounded_int(1, 100_000),
+        "Most tenants (by today's spend) exported per-tenant on the dashboard's `/metrics`",
+    ),
+    Setting(
+        "dashboard_listen",
+        "127.0.0.1:8080",
+        parse_listen,
+        "`guard dashboard` listen address, HOST:PORT; any address but loopback needs a password"
+        " hash or a token",
+    ),
+    Setting("dashboard_user", "admin", _text, "The dashboard's login name"),
+    Setting(
+        "dashboard_password_hash",
+        "",
+        _password_hash,
+        "Hash of the dashboard password, made by `guard dashboard hash-password` (never the"
+        " password itself)",
+        secret=True,
+    ),
+    Setting(
+        "dashboard_token",
+        "",
+        _token,
+        "Bearer token for the dashboard's JSON API and `/metrics` (at least 32 characters);"
+        " also accepted as the password at the login form",
+        secret=True,
+    ),
+    Setting(
+        "dashboard_session_secret",
+        "",
+        _text,
+        "Key that signs dashboard session cookies; empty: a random key per start (everyone"
+        " logs in again after a restart)",
+        secret=True,
+    ),
+    Setting(
+        "dashboard_session_hours",
+        "12",
+        _bounded_int(1, 720),
+        "Hours a dashboard login lasts",
+    ),
+    Setting(
+        "dashboard_secure_cookies",
+        "false",
+        _bool,
+        "Mark the session cookie `Secure` (set it when the dashboard is served over TLS)",
+    ),
+    Setting(
+        "dashboard_actions",
+        "false",
+        _bool,
+        "Allow the dashboard's actions (unlock an extension, unblock an IP, hang up a call);"
+        " off: read-only",
+    ),
+    Setting(
+        "ari_url",
+        "",
+        _ari_url,
+        "Asterisk REST Interface, e.g. `http://127.0.0.1:8088/ari` (see `dialplan/http.conf`);"
+        " empty: ARI off. Needed by `guard ari`, `guard serve --ari`, interval reservations and"
+        " the live-call commands",
+    ),
+    Setting("ari_user", "guard", _text, "ARI user (a section of `ari.conf`)"),
+    Setting("ari_password", "", _text, "ARI password (`ari.conf`)", secret=True),
+    Setting(
+        "ari_app",
+        "guard",
+        _text,
+        "Stasis application name: the first argument of `Stasis()` in the ARI dialplan",
+    ),
+    Setting(
+        "ari_refuse",
+        "hangup",
+        _choice("hangup", "continue"),
+        "How the Stasis app refuses a call: `hangup` (cause congestion, SIP 503) or `continue`"
+        " with GUARD_RESULT=DENY for the dialplan to reject",
+    ),
+    Setting(
+        "ari_ring_timeout",
+        "60",
+        _bounded_int(0, 3600),
+        "The ring timeout of `Dial()` in the ARI dialplan: the Stasis app's TIMEOUT(absolute)"
+        " backstop is the call's limit plus this",
+    ),
+    Setting(
+        "ari_timeout",
+        "2",
+        _bounded_float(0.1, 60),
+        "Seconds to wait for one ARI REST answer",
+    ),
+    Setting(
+        "ari_hangup_on_mismatch",
+        "true",
+        _bool,
+        "With ARI configured: when a learned User-Agent mismatch locks an extension, also hang"
+        " up its live calls",
+    ),
+    Setting(
+        "interval_lead_seconds",
+        "15",
+        _bounded_float(1, 3600),
+        "Interval reservations: extend a call's reservation this long before its slice runs"
+        " out (more than GUARD_INTERVAL_TICK_SECONDS plus the Redis and ARI timeouts)",
+    ),
+    Setting(
+        "interval_tick_seconds",
+        "1",
+        _bounded_float(0.05, 60),
+        "Interval reservations: seconds between the extender's passes over the slices",
+    ),
+    Setting(
+        "interval_cut_margin_ms",
+        "500",
+        _bounded_int(0, 60_000),
+        "Interval reservations: hang up a call whose extension was refused this long before"
+        " its reserved money runs out (covers the ARI round trip)",
+    ),
+    Setting(
+        "block_threshold",
+        "20",
+        _bounded_int(0, 1_000_000),
+        "Refused attempts from one source IP within GUARD_BLOCK_WINDOW_MINUTES that block it"
+        ' (the "HGC 200" pattern); 0: never. A tenant\'s own threshold (SQL) wins',
+    ),
+    Setting(
+        "block_seconds",
+        "3600",
+        _bounded_int(1, 365 * 86_400),
+        "How long such a block lasts (a scanner User-Agent blocks until `guard ip unblock`);"
+        " a tenant's own length (SQL) wins",
+    ),
+    Setting(
+        "block_window_minutes",
+        "10",
+        _bounded_int(1, 60),
+        "The sliding window of the refused-attempt counts, per source IP and per extension",
+    ),
+    Setting(
+        "block_allow",
+        "127.0.0.0/8,::1/128",
+        _networks,
+        "Addresses never blocked, for every tenant (the PBX itself, the office): comma-separated"
+        " CIDRs; `guard ip allow add` keeps more in SQL, per tenant too",
+    ),
+    Setting(
+        "perimeter_refresh_interval",
+        "1",
+        _bounded_float(0.05, 60),
+        "Seconds between checks of the IP blocks and threat lists in Redis (each guard keeps a"
+        " copy in memory, so the block check costs no round trip)",
+    ),
+    Setting(
+        "geoip_db",
+        "",
+        _optional_path,
+        "MaxMind-format country database (GeoLite2-Country or DB-IP Lite `.mmdb`); empty: the"
+        " country lists are not checked. Reopened when the file changes",
+    ),
+    Setting(
+        "geoip_mode",
+        "mmap",
+        _choice("mmap", "memory"),
+        "`mmap` (memory-mapped, shared with the page cache) or `memory` (read into RAM)",
+    ),
+    Setting(
+        "alert_spend_percent",
+        "80",
+        _bounded_int(1, 100),
+        "Settled spend at this share of a daily limit raises a `spend_warning` (once a day)",
+    ),
+    Setting(
+        "alert_webhooks",
+        "",
+        _url_list,
+        "Alert webhooks: comma-separated http(s) URLs that get each alert as a JSON POST",
+        secret=True,
+    ),
+    Setting(
+        "alert_webhook_timeout",
+        "5",
+        _bounded_float(0.1, 120),
+        "Seconds one webhook POST may take",
+    ),
+    Setting(
+        "alert_webhook_retries",
+        "3",
+        _bounded_int(0, 10),
+        "Retries of a webhook POST that failed (connection, timeout, 429, 5xx), with backoff",
+    ),
+    Setting("alert_smtp_host", "", _text, "SMTP server for alert e-mails; empty: no e-mail"),
+    Setting("alert_smtp_port", "587", _bounded_int(1, 65535), "SMTP port"),
+    Setting(
+        "alert_smtp_security",
+        "starttls",
+        _choice("starttls", "ssl", "none"),
+        "SMTP transport security: `starttls`, `ssl` (implicit TLS, usually port 465) or `none`",
+    ),
+    Setting("alert_smtp_from", "guard@localhost", _text, "Sender of alert e-mails"),
+    Setting("alert_smtp_to", "", _address_list, "Recipients of alert e-mails, comma-separated"),
+    Setting("alert_smtp_user", "", _text, "SMTP login; empty: no authentication"),
+    Setting("alert_smtp_password", "", _text, "SMTP password", secret=True),
 )
 
 
@@ -214,32 +488,79 @@ class Settings:
     emergency_max_seconds: int
     log_format: str
     log_level: str
+    metrics_listen: Listen | None
+    metrics_max_tenants: int
+    dashboard_listen: Listen
+    dashboard_user: str
+    dashboard_password_hash: str
+    dashboard_token: str
+    dashboard_session_secret: str
+    dashboard_session_hours: int
+    dashboard_secure_cookies: bool
+    dashboard_actions: bool
+    ari_url: str
+    ari_user: str
+    ari_password: str
+    ari_app: str
+    ari_refuse: str
+    ari_ring_timeout: int
+    ari_timeout: float
+    ari_hangup_on_mismatch: bool
+    interval_lead_seconds: float
+    interval_tick_seconds: float
+    interval_cut_margin_ms: int
+    block_threshold: int
+    block_seconds: int
+    block_window_minutes: int
+    block_allow: tuple[IPNet, ...]
+    perimeter_refresh_interval: float
+    geoip_db: Path | None
+    geoip_mode: str
+    alert_spend_percent: int
+    alert_webhooks: tuple[str, ...]
+    alert_webhook_timeout: float
+    alert_webhook_retries: int
+    alert_smtp_host: str
+    alert_smtp_port: int
+    alert_smtp_security: str
+    alert_smtp_from: str
+    alert_smtp_to: tuple[str, ...]
+    alert_smtp_user: str
+    alert_smtp_password: str
 
     @property
     def redis_timeout(self) -> float:
         return self.redis_timeout_ms / 1000
+
+    @property
+    def ari_enabled(self) -> bool:
+        """Whether ARI is configured (``GUARD_ARI_URL``)."""
+        return bool(self.ari_url)
 
     def public(self) -> dict[str, Any]:
         """The settings with every secret masked, for `guard config show` and logs."""
         out: dict[str, Any] = {}
         for spec in SETTINGS:
             value = getattr(self, spec.name)
-            out[spec.name] = mask_url(value) if spec.secret and isinstance(value, str) else value
+            if spec.secret and isinstance(value, str):
+                value = mask_url(value) if "://" in value else "***" if value else ""
+            elif spec.secret and isinstance(value, tuple):
+                value = tuple(_url_host(item) for item in value)
+            out[spec.name] = value
         return out
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL (``redis://:secret@h`` -> ``redis://:***@h``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    """Hide the passwords of a URL: the user part (``redis://:secret@h`` -> ``redis://:***@h``,
+    with several ``host:port`` pairs too) and ``password=``-style query options."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        netloc, slash, tail = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+        url = f"{scheme}://{netloc}{slash}{tail}"
+    return _SECRET_OPTION.sub(r"\1***", url)
 
 
 def _read_file(path: Path) -> Mapping[str, Any]:

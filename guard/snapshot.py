@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
-from guard.domain import DestinationClass, FailMode, Rate, UaLockMode
+from guard.domain import CountryMode, DestinationClass, FailMode, Rate, UaLockMode
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -111,6 +111,15 @@ class TenantConfig:
     rules: tuple[DestinationRule, ...] = ()
     emergency_numbers: frozenset[str] = DEFAULT_EMERGENCY_NUMBERS
     enabled: bool = True
+    #: Refused attempts from one IP in the window that block it, and for how long (seconds);
+    #: ``None``: the global settings.
+    block_threshold: int | None = None
+    block_seconds: int | None = None
+    #: Source addresses never blocked nor refused as ``ip_blocked`` for this tenant.
+    ip_allow: tuple[IPNetwork, ...] = ()
+    #: GeoIP country list (ISO 3166 alpha-2 codes, upper case) of the source address.
+    country_mode: CountryMode = CountryMode.OFF
+    countries: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +138,9 @@ class ExtensionConfig:
     lock_reason: str = ""
     networks: tuple[IPNetwork, ...] = ()
     windows: tuple[WeeklyWindow, ...] = ()
+    #: GeoIP country list of the source address, checked besides the tenant's.
+    country_mode: CountryMode = CountryMode.OFF
+    countries: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +156,11 @@ class Snapshot:
     scanner_patterns: tuple[str, ...] = DEFAULT_SCANNER_PATTERNS
     built_at: float = 0.0
     build_seconds: float = 0.0
+    #: Source addresses no tenant ever blocks (the global allow-list kept in SQL).
+    ip_allow: tuple[IPNetwork, ...] = ()
+    #: Epoch seconds when a temporary limit raise applied in this snapshot ends (the earliest):
+    #: the snapshot must be rebuilt then. ``None``: no raise applies.
+    expires_at: float | None = None
 
     def tenant(self, name: str) -> TenantConfig | None:
         return self.tenants.get(name)

@@ -470,6 +470,7 @@ async def test_every_key_expires(
     base = tenant_base(key_prefix, "acme")
     expected = {
         f"{base}:day:{DAY}",
+        f"{base}:hourly:{DAY}",
         f"{base}:calls",
         f"{base}:live",
         f"{base}:deadlines",
@@ -481,7 +482,7 @@ async def test_every_key_expires(
         f"{base}:ext:200",
         f"{base}:ext:300",
         f"{base}:refused:ext:100",
-        f"{key_prefix}:{{ip:192.0.2.1}}:refused",
+        f"{key_prefix}:{{perimeter}}:refused:192.0.2.1",
         config_version_key(key_prefix),
     }
     assert set(found) == expected

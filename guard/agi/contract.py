@@ -18,6 +18,12 @@ TENANT = "GUARD_TENANT"
 DEST = "GUARD_DEST"
 CLASS = "GUARD_CLASS"
 SETTLED = "GUARD_SETTLED"
+#: Set only for an interval reservation: ``interval``, and the call's cap in seconds, which the
+#: dialplan dials with instead of ``GUARD_MAX_SECONDS`` (the first slice: a dialplan that does
+#: not know interval mode cuts the call at its slice, which is safe).
+MODE = "GUARD_MODE"
+CAP_SECONDS = "GUARD_CAP_SECONDS"
+INTERVAL = "interval"
 
 #: ``GUARD_REASON`` when the server is at its session limit.
 OVERLOADED = Reason.OVERLOADED.value

@@ -31,6 +31,9 @@ MAX_QUERY_FIELDS = 64
 MAX_REPLY_LINES = 64
 
 _ENV_NAME = re.compile(rb"agi_[a-z0-9_]+")
+#: A whole well-formed environment block: ``agi_<name>: <value>`` lines without NUL, then the
+#: empty line. Checked in one call, it spares the common case the line-by-line parse.
+_WELL_FORMED_BLOCK = re.compile(rb"(?:agi_[a-z0-9_]+: [^\x00\n]*\n)*\n")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\([A-Za-z0-9_,.:\-]*\))?")
 _REPLY_LINE = re.compile(r"(\d{3})([ -])(.*)")
 _REPLY_200 = re.compile(r"200 result=(-?\d+)(?: \((.*)\))?(?: endpos=(-?\d+))?")
@@ -79,24 +82,57 @@ class EnvironmentParser:
         """Bytes fed so far."""
         return self._bytes
 
-    def feed(self, line: bytes) -> bool:
-        """Take one line, newline included; true once the empty line ended the block."""
+    def feed(self, data: bytes) -> bool:
+        """Take one or more whole lines, newlines included; true once the empty line ended the
+        block (which must then be the last line of ``data``)."""
         if self.complete:
             raise AGIProtocolError("data after the end of the environment")
-        self._bytes += len(line)
-        if self._bytes > self._limits.max_bytes:
-            raise AGIProtocolError(f"environment longer than {self._limits.max_bytes} bytes")
-        if not line.endswith(b"\n"):
-            raise AGIProtocolError("environment ended inside a line")
-        if line == b"\n":
-            self.complete = True
+        if not self._bytes and self._whole_block(data):
             return True
-        self._lines += 1
-        if self._lines > self._limits.max_lines:
-            raise AGIProtocolError(f"environment longer than {self._limits.max_lines} lines")
-        if self._error is None:
-            self._error = self._parse(line)
+        lines = data.split(b"\n")
+        tail = lines.pop()  # what follows the last newline: b"" for whole lines
+        limits = self._limits
+        for index, line in enumerate(lines):
+            self._bytes += len(line) + 1
+            if self._bytes > limits.max_bytes:
+                raise AGIProtocolError(f"environment longer than {limits.max_bytes} bytes")
+            if not line:
+                self.complete = True
+                if index + 1 < len(lines) or tail:
+                    raise AGIProtocolError("data after the end of the environment")
+                return True
+            self._lines += 1
+            if self._lines > limits.max_lines:
+                raise AGIProtocolError(f"environment longer than {limits.max_lines} lines")
+            if self._error is None:
+                self._error = self._parse(line)
+        if tail:
+            self._bytes += len(tail)
+            if self._bytes > limits.max_bytes:
+                raise AGIProtocolError(f"environment longer than {limits.max_bytes} bytes")
+            raise AGIProtocolError("environment ended inside a line")
         return False
+
+    def _whole_block(self, data: bytes) -> bool:
+        """Take ``data`` if it is a whole well-formed block within every limit (what Asterisk
+        sends), in a few calls; false leaves the parser untouched for the line-by-line path,
+        which also names what is wrong."""
+        limits = self._limits
+        if len(data) > limits.max_bytes or not _WELL_FORMED_BLOCK.fullmatch(data):
+            return False
+        lines = data[:-2].split(b"\n") if len(data) > 1 else []
+        if (
+            len(lines) > limits.max_lines
+            or max(map(len, lines), default=0) >= limits.max_line_bytes
+        ):
+            return False
+        pairs = [line.split(b": ", 1) for line in lines]
+        values = {name.decode("ascii"): value.decode("utf-8", "replace") for name, value in pairs}
+        if len(values) != len(pairs):  # a repeated name
+            return False
+        self._values, self._lines, self._bytes = values, len(lines), len(data)
+        self.complete = True
+        return True
 
     def result(self) -> dict[str, str]:
         """The environment as ``{name: value}``; raises the first malformed line's error."""
@@ -107,28 +143,31 @@ class EnvironmentParser:
         return dict(self._values)
 
     def _parse(self, line: bytes) -> AGIProtocolError | None:
-        where = f"environment line {self._lines}"
-        if len(line) > self._limits.max_line_bytes:
-            return AGIProtocolError(f"{where} longer than {self._limits.max_line_bytes} bytes")
-        name, sep, raw = line[:-1].partition(b": ")
+        """Store one line (without its newline); runs for every line of every call, so the error
+        texts are only built for a bad line."""
+        if len(line) >= self._limits.max_line_bytes:  # its newline makes it one byte longer
+            return self._bad(f"longer than {self._limits.max_line_bytes} bytes")
+        name, sep, raw = line.partition(b": ")
         if not sep:
-            return AGIProtocolError(f"{where} has no ': ' separator")
+            return self._bad("has no ': ' separator")
         if not _ENV_NAME.fullmatch(name):
-            return AGIProtocolError(f"{where} has an invalid name")
+            return self._bad("has an invalid name")
         if b"\0" in raw:
-            return AGIProtocolError(f"{where} contains a NUL byte")
+            return self._bad("contains a NUL byte")
         key = name.decode("ascii")
         if key in self._values:
-            return AGIProtocolError(f"{where} repeats {key}")
+            return self._bad(f"repeats {key}")
         self._values[key] = raw.decode("utf-8", errors="replace")
         return None
+
+    def _bad(self, what: str) -> AGIProtocolError:
+        return AGIProtocolError(f"environment line {self._lines} {what}")
 
 
 def parse_environment(block: bytes, limits: EnvironmentLimits | None = None) -> dict[str, str]:
     """Parse a whole environment block (empty line included, nothing after it)."""
     parser = EnvironmentParser(limits)
-    for line in block.splitlines(keepends=True):
-        parser.feed(line)
+    parser.feed(block)
     return parser.result()
 
 

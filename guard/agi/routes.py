@@ -15,7 +15,8 @@ dialplan puts ``tenant`` and ``ext`` first.
     ``linkedid``: Asterisk's ``linkedid``; default empty.
     The call id is ``agi_uniqueid`` (required), the channel ``agi_channel``.
     Sets ``GUARD_TENANT``, ``GUARD_REASON``, ``GUARD_MAX_SECONDS`` (0 when denied),
-    ``GUARD_DEST``, ``GUARD_CLASS`` and, last, ``GUARD_RESULT`` (``ALLOW``/``DENY``).
+    ``GUARD_DEST``, ``GUARD_CLASS``, for an interval reservation ``GUARD_MODE=interval`` and
+    ``GUARD_CAP_SECONDS``, and, last, ``GUARD_RESULT`` (``ALLOW``/``DENY``).
 
 ``settle?tenant=&billsec=`` (also served as ``hangup``), from the channel's hangup handler
     ``tenant``: default the channel's ``GUARD_TENANT``.
@@ -113,12 +114,21 @@ def decision_commands(tenant: str, decision: Decision) -> list[str]:
     """The ``SET VARIABLE`` lines that render ``decision``; ``GUARD_RESULT`` is the last one."""
     allowed = decision.result is Result.ALLOW
     rate = decision.destination
+    interval = (
+        [
+            set_variable(contract.MODE, contract.INTERVAL),
+            set_variable(contract.CAP_SECONDS, decision.cap_seconds),
+        ]
+        if allowed and decision.cap_seconds > 0
+        else []
+    )
     return [
         set_variable(contract.TENANT, tenant[:ECHO_MAX_CHARS]),
         set_variable(contract.REASON, decision.reason.value),
         set_variable(contract.MAX_SECONDS, max(decision.max_seconds, 0) if allowed else 0),
         set_variable(contract.DEST, rate.name[:ECHO_MAX_CHARS] if rate else ""),
         set_variable(contract.CLASS, rate.dest_class.value if rate else ""),
+        *interval,
         set_variable(contract.RESULT, decision.result.value),
     ]
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,8 @@ class SessionRecord:
     ``assignments``: the ``SET VARIABLE`` name/value pairs applied, in order. ``variables``: the
     channel's variables after the session. ``closed_by_server``: the server ended the session
     (Asterisk's ``AGISTATUS=SUCCESS``). ``timed_out``: the play's own time limit ended it.
+    ``started``/``ended``: ``time.perf_counter()`` when the environment's first byte was written
+    and when the server's close was seen (0 if it was not), for latency measurements.
     """
 
     uniqueid: str
@@ -204,6 +207,8 @@ class SessionRecord:
     variables: dict[str, str] = field(default_factory=dict)
     closed_by_server: bool = False
     timed_out: bool = False
+    started: float = 0.0
+    ended: float = 0.0
 
 
 class FakeAsterisk:
@@ -235,6 +240,7 @@ class FakeAsterisk:
         mute_after: int | None = None,
         send_bytes: int | None = None,
         hold: bool = False,
+        reply_delay: float = 0.0,
         time_limit: float = 10.0,
     ) -> SessionRecord:
         """Run one session: connect, send the environment, answer commands until the server closes.
@@ -245,7 +251,8 @@ class FakeAsterisk:
         environment). ``close_after=n`` closes the connection after the n-th reply;
         ``mute_after=n`` still executes later commands but never answers them. ``send_bytes``
         sends only that many bytes of the environment, then closes, or with ``hold`` stays
-        connected and silent until the server closes. ``time_limit`` bounds the whole session.
+        connected and silent until the server closes. ``reply_delay`` seconds pass before each
+        reply (a busy Asterisk). ``time_limit`` bounds the whole session.
         """
         environment, seed = self._resolve(session)
         record = SessionRecord(uniqueid=environment_value(environment, "uniqueid"))
@@ -262,12 +269,15 @@ class FakeAsterisk:
                         await reader.read()
                         record.closed_by_server = True
                 else:
+                    record.started = time.perf_counter()
                     writer.write(environment)
                     await writer.drain()
-                    options = _Options(hangup_after, close_after, mute_after)
+                    options = _Options(hangup_after, close_after, mute_after, reply_delay)
                     record.closed_by_server = await self._answer(
                         reader, writer, store, record, options
                     )
+                    if record.closed_by_server:
+                        record.ended = time.perf_counter()
         except TimeoutError:
             record.timed_out = True
         except ConnectionError:
@@ -326,6 +336,8 @@ class FakeAsterisk:
             reply = self._execute(line.removesuffix(b"\n"), store, record)
             if options.mute_after is not None and answered >= options.mute_after:
                 continue
+            if options.reply_delay:
+                await asyncio.sleep(options.reply_delay)
             writer.write(reply)
             answered += 1
             if options.hangup_after == answered:
@@ -371,6 +383,7 @@ class _Options:
     hangup_after: int | None
     close_after: int | None
     mute_after: int | None
+    reply_delay: float = 0.0
 
 
 def _usage(verb: str) -> bytes:

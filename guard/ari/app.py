@@ -4,8 +4,9 @@ ARI-mode twin of the FastAGI adapter. On ``StasisStart`` it builds the same ``Ca
 the one Stasis argument (a URI query, see ``parse_stasis_start``), asks the engine, and renders
 the ``Decision`` with REST calls: an allowed call is subscribed to (so its events keep coming
 after it leaves Stasis), gets the FastAGI adapter's channel variables (``GUARD_RESULT``,
-``GUARD_REASON``, ``GUARD_MAX_SECONDS``, ``GUARD_TENANT``, ``GUARD_DEST``, ``GUARD_CLASS``) and a
-``TIMEOUT(absolute)`` backstop, and is continued; a refused call is hung up (``congestion``,
+``GUARD_REASON``, ``GUARD_MAX_SECONDS``, ``GUARD_TENANT``, ``GUARD_DEST``, ``GUARD_CLASS``, and
+``GUARD_MODE``/``GUARD_CAP_SECONDS`` for an interval reservation) and a ``TIMEOUT(absolute)``
+backstop, and is continued; a refused call is hung up (``congestion``,
 SIP 503) or continued with ``DENY`` for the dialplan to refuse, as configured. When an allowed
 channel is destroyed, its answered seconds (``ANSWEREDTIME``, else Up → hang-up from the
 events) are settled exactly once (the ledger's settle is idempotent besides). A lost event
@@ -329,7 +330,7 @@ class GuardStasisApp:
         call.phase = _Phase.LIVE
         call.expires = (
             self.clock()
-            + decision.max_seconds
+            + _limit(decision)
             + self.settings.ring_timeout
             + self.settings.grace_seconds
         )
@@ -353,8 +354,9 @@ class GuardStasisApp:
         """Subscribe, set the outputs and the backstop timeout (concurrently), then continue.
 
         Nothing is continued unless every call succeeded, so the order of the variables does
-        not matter here (the FastAGI adapter must write ``GUARD_RESULT`` last; ARI need not)."""
-        backstop = decision.max_seconds + self.settings.ring_timeout
+        not matter here (the FastAGI adapter must write ``GUARD_RESULT`` last; ARI need not).
+        An interval call's backstop is its cap: its slices are cut by ``guard.interval``."""
+        backstop = _limit(decision) + self.settings.ring_timeout
         await _all(
             self.client.subscribe(self.client.app, f"channel:{channel_id}"),
             *self._set_all(channel_id, decision_variables(tenant, decision)),
@@ -470,7 +472,7 @@ def decision_variables(tenant: str, decision: Decision) -> dict[str, str]:
     adapter sets (``guard.agi.contract``), so both dialplans read one contract."""
     allowed = decision.result is Result.ALLOW
     rate = decision.destination
-    return {
+    variables = {
         contract.TENANT: tenant[:ECHO_MAX_CHARS],
         contract.REASON: decision.reason.value,
         contract.MAX_SECONDS: str(max(decision.max_seconds, 0) if allowed else 0),
@@ -478,10 +480,19 @@ def decision_variables(tenant: str, decision: Decision) -> dict[str, str]:
         contract.CLASS: rate.dest_class.value if rate else "",
         contract.RESULT: decision.result.value,
     }
+    if allowed and decision.cap_seconds > 0:
+        variables[contract.MODE] = contract.INTERVAL
+        variables[contract.CAP_SECONDS] = str(decision.cap_seconds)
+    return variables
 
 
 def _refusal(call_id: str, reason: Reason) -> Decision:
     return Decision(Result.DENY, reason, 0, call_id)
+
+
+def _limit(decision: Decision) -> int:
+    """The longest the allowed call may last: its cap in interval mode, else its max."""
+    return decision.cap_seconds or decision.max_seconds
 
 
 async def _all(*calls: Awaitable[Any]) -> None:

@@ -14,12 +14,22 @@ Key schema (``P`` is the prefix, ``guard`` by default; ``T``, ``E`` and ``IP`` a
                                      spent, reserved                 (whole tenant)
                                      spent:ext:<E>, reserved:ext:<E> (one extension, E verbatim)
                                      TTL 4 days, refreshed on every write
+    P:{t:T}:hourly:<YYYYMMDD>
+                             hash    spend of that day by hour of the tenant's wall clock, written
+                                     by settle and sweep: <HH> (whole tenant), <HH>:ext:<E>
+                                     (E verbatim); TTL 4 days, refreshed on every write
     P:{t:T}:calls            hash    live reservations: call id -> JSON {ext, day, reserved,
                                      max_seconds, rpm, fee, ii, si (the rate), number, dest,
-                                     started, deadline (epoch ms), channel, ip}
+                                     started, deadline (epoch ms), channel, ip}; in interval
+                                     mode also slice, cap (seconds), ends (epoch ms) and, once
+                                     an extension was refused, final (the reason)
     P:{t:T}:live             hash    live call counts: tenant, ext:<E>
     P:{t:T}:deadlines        zset    call id scored by its deadline (epoch ms) for the sweeper
-                                     (calls, live, deadlines: TTL 3 days, refreshed on write)
+    P:{t:T}:slices           zset    interval calls scored by ends (epoch ms) for the extender
+                                     (calls, live, deadlines, slices: TTL 3 days, refreshed on
+                                     write)
+    P:{t:T}:extender         string  present while an extender serves the tenant (TTL a few of
+                                     its ticks): only then are interval reservations granted
     P:{t:T}:settled:<call>   string  JSON marker of a closed call id {state: settled | swept |
                                      orphan, ext, day, reserved, cost, rate, at}; makes settle
                                      exactly once and lets a late settle correct a swept call.
@@ -31,10 +41,28 @@ Key schema (``P`` is the prefix, ``guard`` by default; ``T``, ``E`` and ``IP`` a
                                      refreshed at every reserve of that extension
     P:{t:T}:refused:ext:<E>  hash    refused attempts of one extension in a sliding 10-minute
                                      window: <minute> and <minute>:<reason> -> count, TTL 11 min
-    P:{ip:IP}:refused        hash    the same window for one source IP, across all tenants
-                                     (its own hash tag: a scanner tries many tenants)
     P:config:version         string  the configuration version, monotonic; the one key without
                                      a TTL (losing it would make guards miss a reload)
+
+Perimeter keys are global (a scanner tries many tenants), so they share their own hash tag,
+``{perimeter}``, and no script ever touches them together with a tenant's keys::
+
+    P:{perimeter}:refused:<IP>   hash    refused attempts from one source IP, across all tenants,
+                                         in the same sliding window, TTL window + 1 min
+    P:{perimeter}:blocks         hash    blocked IPs: IP -> JSON {until (epoch ms, 0 = until
+                                         unblocked), reason, at, by, refusals}; no TTL, expired
+                                         entries are purged by every listing
+    P:{perimeter}:block-expiry   zset    timed blocks scored by their end (epoch ms)
+    P:{perimeter}:blocks-version string  bumped by every block and unblock: guards poll it to
+                                         refresh their in-process copy of the blocks
+    P:{perimeter}:threat:<K>:<N> set     threat list N of kind K (ip: addresses and CIDRs, number:
+                                         E.164 prefixes); imports build <key>:tmp:<id>, RENAME it
+    P:{perimeter}:threats        hash    list metadata: <K>:<N> -> JSON {entries, at, source, by}
+    P:{perimeter}:threats-version string bumped by every import and clear
+    P:alert:<key>                string  alert de-duplication marker (SET NX with a TTL)
+
+The dashboard's event feed (recent events, refusals by hour, alerts by day) lives beside these
+keys under the same prefix and hash tags; ``guard.feed`` documents its keys.
 """
 
 from __future__ import annotations
@@ -77,8 +105,24 @@ def extension_refusals_key(base: str, extension: str) -> str:
     return f"{base}:refused:ext:{key_part(extension)}"
 
 
+def perimeter_base(prefix: str) -> str:
+    """The common start of every perimeter key: ``P:{perimeter}``."""
+    return f"{prefix}:{{perimeter}}"
+
+
 def ip_refusals_key(prefix: str, source_ip: str) -> str:
-    return f"{prefix}:{{ip:{key_part(source_ip)}}}:refused"
+    """The refusal window of one source IP (in the perimeter slot)."""
+    return f"{perimeter_base(prefix)}:refused:{key_part(source_ip)}"
+
+
+def threat_key(prefix: str, kind: str, name: str) -> str:
+    """The set holding threat list ``name`` of ``kind`` (``ip`` or ``number``)."""
+    return f"{perimeter_base(prefix)}:threat:{kind}:{key_part(name)}"
+
+
+def alert_key(prefix: str, dedupe: str) -> str:
+    """The de-duplication marker of one alert."""
+    return f"{prefix}:alert:{key_part(dedupe)}"
 
 
 def config_version_key(prefix: str) -> str:

@@ -6,8 +6,10 @@ from typing import Protocol
 
 from guard.domain import Reason
 from guard.ledger.types import (
+    BlockRule,
     ExtensionState,
     LiveCall,
+    RefusalCounts,
     Reservation,
     ReserveRequest,
     SettleResult,
@@ -24,8 +26,16 @@ class Ledger(Protocol):
     async def sweep(self, tenant: str, now: float, limit: int = 1000) -> list[SweptCall]: ...
 
     async def record_refusal(
-        self, tenant: str, extension: str, source_ip: str, reason: Reason, now: float
-    ) -> object: ...
+        self,
+        tenant: str,
+        extension: str,
+        source_ip: str,
+        reason: Reason,
+        now: float,
+        *,
+        block: BlockRule | None = None,
+        window_minutes: int = ...,
+    ) -> RefusalCounts: ...
 
     async def counters(self, tenant: str, day: str) -> TenantCounters: ...
 

@@ -20,7 +20,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Sequence
+import uuid
+from collections.abc import Awaitable, Iterable, Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -34,16 +35,23 @@ from guard.domain import Reason, UaLockMode
 from guard.errors import StorageError, ValidationError
 from guard.ledger import keys
 from guard.ledger.types import (
+    BlockRule,
     ExtensionState,
+    HourlySpend,
+    IpBlock,
     LiveCall,
     RefusalCounts,
     Reservation,
     ReserveRequest,
     SettleOutcome,
     SettleResult,
+    SliceCall,
+    SliceExtension,
     SpendCounters,
     SweptCall,
     TenantCounters,
+    ThreatKind,
+    ThreatList,
 )
 from guard.money import MAX_AMOUNT, MAX_CALL_SECONDS, MAX_RATE
 
@@ -55,9 +63,20 @@ MAX_SETTLE_SECONDS = 7 * 86_400
 #: Upper bound for a concurrent-call limit (anything larger is a typo).
 MAX_CONCURRENT = 1_000_000
 
+#: Default length of the refusal windows, in minutes (the "HGC 200" pattern: 20 in 10 minutes).
+REFUSAL_WINDOW_MINUTES = 10
+MAX_WINDOW_MINUTES = 60
+#: Longest timed IP block (a longer one is a permanent block).
+MAX_BLOCK_SECONDS = 365 * 86_400
+#: Bound of bulk perimeter reads and writes (threat lists), which never run on the hot path.
+BULK_TIMEOUT = 10.0
+#: Life of a threat list's staging set if its import dies before publishing it.
+STAGING_TTL = 3600
+
 RedisClient = Redis | RedisCluster
 _T = TypeVar("_T")
 _DAY = re.compile(r"[0-9]{8}")
+_HOUR = re.compile(r"[0-9]{8}(?:[01][0-9]|2[0-3])")
 _SCRIPTS = resources.files("guard.ledger") / "scripts"
 
 
@@ -92,6 +111,40 @@ def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+def _local_hour(local_hour: str | None, now: float) -> str:
+    """The hourly bucket (``YYYYMMDDHH``) a settle or sweep books into; UTC when not given."""
+    if local_hour is None:
+        return time.strftime("%Y%m%d%H", time.gmtime(now))
+    if not _HOUR.fullmatch(local_hour):
+        raise ValidationError("local_hour", f"not a YYYYMMDDHH hour: {local_hour!r}")
+    return local_hour
+
+
+def _extension_state(raw: dict[Any, Any]) -> ExtensionState:
+    state = {_text(name): _text(value) for name, value in raw.items()}
+    locked_at = state.get("locked_at")
+    return ExtensionState(
+        learned_user_agent=state.get("ua"),
+        locked=state.get("locked") == "1",
+        lock_reason=state.get("lock_reason", ""),
+        locked_at=int(locked_at) / 1000 if locked_at else None,
+    )
+
+
+def _ip_block(ip: str, packed: str) -> IpBlock:
+    """An ``IpBlock`` from its JSON in the blocks hash (``until`` 0 means until unblocked)."""
+    info = json.loads(packed)
+    ends = int(info["until"])
+    return IpBlock(
+        ip=ip,
+        until=ends / 1000 if ends else None,
+        reason=str(info["reason"]),
+        at=int(info["at"]) / 1000,
+        by=str(info["by"]),
+        refusals=int(info["refusals"]),
+    )
+
+
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -124,7 +177,10 @@ class RedisLedger:
         self._counters = self._script("counters")
         self._extension = self._script("extension")
         self._refusal = self._script("refusal")
+        self._ip_blocks = self._script("ip_blocks")
+        self._threat = self._script("threat")
         self._config_version = self._script("config_version")
+        self._extend = self._script("extend")
 
     def _script(self, name: str) -> AsyncScript:
         return self._client.register_script(_script_source(name))
@@ -149,15 +205,16 @@ class RedisLedger:
     ) -> None:
         await self.close()
 
-    async def _guarded(self, what: str, operation: Awaitable[_T]) -> _T:
-        """Await ``operation`` within the timeout; any failure becomes ``StorageError``."""
+    async def _guarded(self, what: str, operation: Awaitable[_T], *, bulk: bool = False) -> _T:
+        """Await ``operation`` within the timeout (``BULK_TIMEOUT`` for a ``bulk`` operation,
+        never on the hot path); any failure becomes ``StorageError``."""
+        bound = max(BULK_TIMEOUT, self._timeout) if bulk else self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(bound):
                 return await operation
         except TimeoutError as exc:
             raise StorageError(
-                f"counter store {self._url}: {what} got no answer within "
-                f"{self._timeout * 1000:g} ms"
+                f"counter store {self._url}: {what} got no answer within {bound * 1000:g} ms"
             ) from exc
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StorageError(
@@ -217,19 +274,29 @@ class RedisLedger:
             rate.name,
             req.channel,
             req.source_ip,
+            ""
+            if req.slice_seconds is None
+            else _bounded("slice_seconds", req.slice_seconds, 1, MAX_CALL_SECONDS),
         ]
-        reason, reserved, max_seconds, existing, locked_now = await self._run(
+        reply = await self._run(
             self._reserve, "reserve", [base, keys.extension_state_key(base, req.extension)], args
         )
+        reason, reserved, max_seconds, existing, locked_now = reply[:5]
+        ext_spent, tenant_spent = reply[5:7] or (0, 0)
         return Reservation(
             reason=Reason(reason),
             reserved=int(reserved),
             max_seconds=int(max_seconds),
             existing=bool(existing),
             locked_now=bool(locked_now),
+            ext_spent=int(ext_spent),
+            tenant_spent=int(tenant_spent),
+            cap_seconds=int(reply[7]) if len(reply) > 7 else 0,
         )
 
-    async def settle(self, tenant: str, call_id: str, billsec: int, now: float) -> SettleResult:
+    async def settle(
+        self, tenant: str, call_id: str, billsec: int, now: float, *, local_hour: str | None = None
+    ) -> SettleResult:
         """Turn the call's reservation into spend at its real cost, exactly once.
 
         The cost is ``call_cost`` of ``billsec`` (clamped to ``[0, MAX_SETTLE_SECONDS]``) at the
@@ -238,6 +305,7 @@ class RedisLedger:
         ``ALREADY_SETTLED`` and changes nothing; an unknown call id is recorded in the orphans
         list (``UNKNOWN_CALL``, once); a call the sweeper charged in full is corrected to the real
         cost (``SETTLED_AFTER_SWEEP``, ``reserved`` is what had been charged).
+        The cost also lands in the hourly spend bucket of ``local_hour`` (see ``hourly_spend``).
         """
         if not call_id:
             raise ValidationError("call_id", "must not be empty")
@@ -246,7 +314,7 @@ class RedisLedger:
             self._settle,
             "settle",
             [self._base(tenant)],
-            [call_id, clamped, _epoch_ms("now", now)],
+            [call_id, clamped, _epoch_ms("now", now), _local_hour(local_hour, now)],
         )
         return SettleResult(
             outcome=SettleOutcome(outcome),
@@ -258,17 +326,24 @@ class RedisLedger:
             over_reservation=bool(over),
         )
 
-    async def sweep(self, tenant: str, now: float, limit: int = 1000) -> list[SweptCall]:
+    async def sweep(
+        self, tenant: str, now: float, limit: int = 1000, *, local_hour: str | None = None
+    ) -> list[SweptCall]:
         """Charge in full up to ``limit`` reservations whose deadline has passed.
 
         Each expired call is swept exactly once even when several guards sweep at the same time;
-        a settle that arrives later corrects the charge to the real cost.
+        a settle that arrives later corrects the charge to the real cost. The charges land in
+        the hourly spend bucket of ``local_hour`` (see ``hourly_spend``).
         """
         flat = await self._run(
             self._sweep,
             "sweep",
             [self._base(tenant)],
-            [_epoch_ms("now", now), _bounded("limit", limit, 1, 100_000)],
+            [
+                _epoch_ms("now", now),
+                _bounded("limit", limit, 1, 100_000),
+                _local_hour(local_hour, now),
+            ],
         )
         return [
             SweptCall(
@@ -330,9 +405,98 @@ class RedisLedger:
                     max_seconds=int(r["max_seconds"]),
                     deadline=int(r["deadline"]) / 1000,
                     channel=r["channel"],
+                    slice_seconds=int(r.get("slice", 0)),
+                    cap_seconds=int(r.get("cap", 0)),
                 )
             )
         return sorted(calls, key=lambda call: (call.started, call.call_id))
+
+    # --- interval reservations (scripts/extend.lua) -------------------------------------------
+
+    async def due_slices(
+        self, tenant: str, until: float, *, alive_seconds: float = 0.0, limit: int = 1000
+    ) -> list[SliceCall]:
+        """The tenant's interval reservations whose money runs out by ``until`` (epoch seconds),
+        soonest first. ``alive_seconds > 0`` also tells ``reserve`` that an extender serves the
+        tenant for that long: only then does it grant interval reservations."""
+        flat = await self._run(
+            self._extend,
+            "list slices",
+            [self._base(tenant)],
+            [
+                "due",
+                _epoch_ms("until", until),
+                _bounded("limit", limit, 1, 100_000),
+                int(alive_seconds * 1000),
+            ],
+        )
+        due = []
+        for i in range(0, len(flat), 2):
+            r = json.loads(flat[i + 1])
+            due.append(
+                SliceCall(
+                    tenant=tenant,
+                    call_id=str(flat[i]),
+                    extension=r["ext"],
+                    started=int(r["started"]) / 1000,
+                    max_seconds=int(r["max_seconds"]),
+                    reserved=int(r["reserved"]),
+                    slice_seconds=int(r["slice"]),
+                    cap_seconds=int(r["cap"]),
+                    ends_ms=int(r["ends"]),
+                    final=str(r.get("final", "")),
+                )
+            )
+        return sorted(due, key=lambda call: (call.ends_ms, call.call_id))
+
+    async def extend_slice(
+        self,
+        call: SliceCall,
+        now: float,
+        *,
+        ext_daily_limit: int | None,
+        tenant_daily_limit: int | None,
+        deny: str = "",
+    ) -> SliceExtension:
+        """Add the next slice to ``call``'s reservation, atomically, if the budgets allow.
+
+        Both daily limits are checked against the spend and open reservations of the
+        reservation's day, as ``reserve`` does; the reservation grows by the cost of what is
+        affordable of the next slice (up to the call's cap) and its deadlines move. ``deny``
+        refuses at once (the configuration no longer allows the call). A refusal is final. The
+        extension applies only if the slice still ends at ``call.ends_ms``: of two guards
+        extending the same call at once, one extends and the other gets ``stale``.
+        """
+        base = self._base(call.tenant)
+        outcome, max_seconds, ends_ms, reserved = await self._run(
+            self._extend,
+            "extend slice",
+            [base, keys.extension_state_key(base, call.extension)],
+            [
+                "extend",
+                call.call_id,
+                call.ends_ms,
+                _epoch_ms("now", now),
+                _optional("ext_daily_limit", ext_daily_limit, MAX_AMOUNT),
+                _optional("tenant_daily_limit", tenant_daily_limit, MAX_AMOUNT),
+                deny,
+            ],
+        )
+        return SliceExtension(str(outcome), int(max_seconds), int(ends_ms), int(reserved))
+
+    async def claim_cut(self, tenant: str, call_id: str, ends_ms: int) -> bool:
+        """Claim the cut of a slice that still ends at ``ends_ms``: true for exactly one caller,
+        and the reservation can no longer be extended."""
+        claimed = await self._run(
+            self._extend, "claim cut", [self._base(tenant)], ["cut", call_id, ends_ms]
+        )
+        return bool(claimed)
+
+    async def restore_cut(self, tenant: str, call_id: str, ends_ms: int) -> None:
+        """Give back a claimed cut that could not be carried out, for the next try."""
+        await self._run(
+            self._extend, "restore cut", [self._base(tenant)], ["restore", call_id, ends_ms]
+        )
 
     async def extension_state(self, tenant: str, extension: str) -> ExtensionState:
         """The extension's learned User-Agent and runtime lock."""
@@ -340,14 +504,7 @@ class RedisLedger:
             "read extension state",
             self._client.hgetall(keys.extension_state_key(self._base(tenant), extension)),
         )
-        state = {_text(name): _text(value) for name, value in raw.items()}
-        locked_at = state.get("locked_at")
-        return ExtensionState(
-            learned_user_agent=state.get("ua"),
-            locked=state.get("locked") == "1",
-            lock_reason=state.get("lock_reason", ""),
-            locked_at=int(locked_at) / 1000 if locked_at else None,
-        )
+        return _extension_state(raw)
 
     async def lock_extension(
         self, tenant: str, extension: str, reason: str, *, now: float | None = None
@@ -378,29 +535,213 @@ class RedisLedger:
         return bool(was_locked)
 
     async def record_refusal(
-        self, tenant: str, extension: str, source_ip: str, reason: Reason, now: float
+        self,
+        tenant: str,
+        extension: str,
+        source_ip: str,
+        reason: Reason,
+        now: float,
+        *,
+        block: BlockRule | None = None,
+        window_minutes: int = REFUSAL_WINDOW_MINUTES,
     ) -> RefusalCounts:
-        """Count one refused attempt and return the counts of the last 10 minutes.
+        """Count one refused attempt and return the counts of the sliding window.
 
         The source IP is counted across all tenants (a scanner tries many), the extension within
-        its tenant. Windows have minute resolution and expire on their own.
+        its tenant: two scripts on two slots, sent together (the IP only when ``tenant`` is empty:
+        a tenant Guard does not know). With ``block``, the IP's script also
+        blocks the IP, atomically with the count, when ``block.threshold`` refusals are in the
+        window or at once when ``block.immediate`` (``blocked_now`` is then true for exactly one
+        refusal across every guard). Windows have minute resolution and expire on their own.
         """
         at = _epoch_ms("now", now)
-        ip_counts, ext_counts = await self._guarded(
-            "record refusal",
-            asyncio.gather(
-                self._refusal(
-                    keys=[keys.ip_refusals_key(self._prefix, source_ip)], args=[at, str(reason)]
-                ),
-                self._refusal(
-                    keys=[keys.extension_refusals_key(self._base(tenant), extension)],
-                    args=[at, str(reason)],
-                ),
+        window = _bounded("window_minutes", window_minutes, 1, MAX_WINDOW_MINUTES)
+        perimeter = keys.perimeter_base(self._prefix)
+        ip_keys = [keys.ip_refusals_key(self._prefix, source_ip)]
+        ip_args: list[str | int] = [at, str(reason), window]
+        if block is not None:
+            ip_keys += [f"{perimeter}:blocks", f"{perimeter}:block-expiry", self._blocks_version]
+            ip_args += [
+                source_ip,
+                _bounded("threshold", block.threshold, 0, 1_000_000),
+                _bounded("block_seconds", block.seconds, 1, MAX_BLOCK_SECONDS) * 1000,
+                "1" if block.immediate else "0",
+            ]
+        scripts = [self._refusal(keys=ip_keys, args=ip_args)]
+        if tenant:
+            ext_key = keys.extension_refusals_key(self._base(tenant), extension)
+            scripts.append(self._refusal(keys=[ext_key], args=[at, str(reason), window]))
+        replies = await self._guarded("record refusal", asyncio.gather(*scripts))
+        total, same, blocked_now, packed = replies[0]
+        return RefusalCounts(
+            ip=int(total),
+            ip_same_reason=int(same),
+            extension=int(replies[1][0]) if tenant else 0,
+            block=_ip_block(source_ip, packed) if packed else None,
+            blocked_now=bool(blocked_now),
+        )
+
+    # --- perimeter: IP blocks, threat lists, alert markers (global keys, see ``keys``) -------
+
+    @property
+    def _blocks_version(self) -> str:
+        return f"{keys.perimeter_base(self._prefix)}:blocks-version"
+
+    def _blocks_keys(self) -> list[str]:
+        perimeter = keys.perimeter_base(self._prefix)
+        return [f"{perimeter}:blocks", f"{perimeter}:block-expiry", self._blocks_version]
+
+    async def block_ip(
+        self, ip: str, *, seconds: int | None, reason: str, by: str, now: float
+    ) -> bool:
+        """Block ``ip`` for ``seconds`` (``None``: until unblocked), replacing any block.
+
+        Returns whether the IP was not blocked before.
+        """
+        at = _epoch_ms("now", now)
+        length = None if seconds is None else _bounded("seconds", seconds, 1, MAX_BLOCK_SECONDS)
+        ends = 0 if length is None else at + length * 1000
+        created = await self._run(
+            self._ip_blocks,
+            "block IP",
+            self._blocks_keys(),
+            ["block", ip, ends, reason, at, by],
+        )
+        return bool(created)
+
+    async def unblock_ip(self, ip: str, *, now: float) -> bool:
+        """Lift the block of ``ip`` and reset its refusal window; returns whether it was blocked."""
+        was = await self._run(
+            self._ip_blocks,
+            "unblock IP",
+            [*self._blocks_keys(), keys.ip_refusals_key(self._prefix, ip)],
+            ["unblock", ip, _epoch_ms("now", now)],
+        )
+        return bool(was)
+
+    async def ip_blocks(self, now: float) -> list[IpBlock]:
+        """Every active block, sorted by IP text; expired blocks are purged on the way."""
+        flat = await self._run(
+            self._ip_blocks, "list IP blocks", self._blocks_keys(), ["list", _epoch_ms("now", now)]
+        )
+        found = [_ip_block(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return sorted((b for b in found if b.active(now)), key=lambda b: b.ip)
+
+    async def perimeter_versions(self) -> tuple[int, int]:
+        """The versions of the IP blocks and of the threat lists (one round trip: one slot)."""
+        perimeter = keys.perimeter_base(self._prefix)
+        blocks, threats = await self._guarded(
+            "read perimeter versions",
+            self._client.mget([self._blocks_version, f"{perimeter}:threats-version"]),
+        )
+        return int(blocks or 0), int(threats or 0)
+
+    async def import_threat_list(
+        self,
+        name: str,
+        kind: ThreatKind,
+        entries: Iterable[str],
+        *,
+        replace: bool,
+        source: str,
+        by: str,
+        now: float,
+        chunk: int = 5_000,
+    ) -> int:
+        """Publish threat list ``name`` atomically: staged under a temporary key, then renamed
+        (``replace``) or merged into the list. Returns the entries in the list afterwards.
+
+        A list name belongs to one kind; importing it as the other raises ``ValidationError``.
+        """
+        perimeter = keys.perimeter_base(self._prefix)
+        target = keys.threat_key(self._prefix, kind.value, name)
+        staging = f"{target}:tmp:{uuid.uuid4().hex}"
+        batch: list[str] = []
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) >= chunk:
+                await self._stage(staging, batch)
+                batch = []
+        if batch:
+            await self._stage(staging, batch)
+        meta = json.dumps({"at": _epoch_ms("now", now), "source": source[:200], "by": by[:64]})
+        count = await self._run(
+            self._threat,
+            "publish threat list",
+            [staging, target, f"{perimeter}:threats", f"{perimeter}:threats-version"],
+            ["commit", name, kind.value, "1" if replace else "0", meta],
+        )
+        if int(count) < 0:
+            raise ValidationError("name", f"threat list {name!r} exists with the other kind")
+        return int(count)
+
+    async def _stage(self, staging: str, batch: list[str]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.sadd(staging, *batch)
+        pipe.expire(staging, STAGING_TTL)
+        await self._guarded("stage threat list", pipe.execute(), bulk=True)
+
+    async def clear_threat_list(self, name: str, kind: ThreatKind) -> bool:
+        """Delete threat list ``name``; returns whether it existed."""
+        perimeter = keys.perimeter_base(self._prefix)
+        target = keys.threat_key(self._prefix, kind.value, name)
+        found = await self._run(
+            self._threat,
+            "clear threat list",
+            [f"{target}:tmp", target, f"{perimeter}:threats", f"{perimeter}:threats-version"],
+            ["clear", name, kind.value],
+        )
+        if int(found) < 0:
+            raise ValidationError("name", f"threat list {name!r} exists with the other kind")
+        return bool(found)
+
+    async def threat_lists(self) -> list[ThreatList]:
+        """The imported threat lists, by name."""
+        raw = await self._guarded(
+            "list threat lists",
+            self._client.hgetall(f"{keys.perimeter_base(self._prefix)}:threats"),
+        )
+        lists = []
+        for name, packed in raw.items():
+            info = json.loads(packed)
+            lists.append(
+                ThreatList(
+                    name=_text(name),
+                    kind=ThreatKind(info["kind"]),
+                    entries=int(info["entries"]),
+                    imported_at=int(info["at"]) / 1000,
+                    source=str(info.get("source", "")),
+                    by=str(info.get("by", "")),
+                )
+            )
+        return sorted(lists, key=lambda item: item.name)
+
+    async def threat_entries(self, kind: ThreatKind) -> dict[str, set[str]]:
+        """Every entry of every list of ``kind``, by list name (bulk read, off the hot path)."""
+        names = [item.name for item in await self.threat_lists() if item.kind is kind]
+        found: dict[str, set[str]] = {}
+        for name in names:
+            members = await self._guarded(
+                "read threat list",
+                self._client.smembers(keys.threat_key(self._prefix, kind.value, name)),
+                bulk=True,
+            )
+            found[name] = {_text(member) for member in members}
+        return found
+
+    async def claim_once(self, marker: str, seconds: int) -> bool:
+        """Set the marker ``marker`` for ``seconds`` unless it exists: true for the first caller
+        only, across every guard (alert de-duplication)."""
+        created = await self._guarded(
+            "claim alert marker",
+            self._client.set(
+                keys.alert_key(self._prefix, marker),
+                "1",
+                nx=True,
+                ex=_bounded("seconds", seconds, 1, 30 * 86_400),
             ),
         )
-        return RefusalCounts(
-            ip=int(ip_counts[0]), ip_same_reason=int(ip_counts[1]), extension=int(ext_counts[0])
-        )
+        return bool(created)
 
     async def config_version(self) -> int:
         """The configuration version (0 before the first bump)."""
@@ -430,3 +771,44 @@ class RedisLedger:
         await self._client.aclose()
         for other in self._also_close:
             await other.aclose()
+
+    @property
+    def client(self) -> RedisClient:
+        """The Redis client, for the event feed's writes and the dashboard's reads (not money)."""
+        return self._client
+
+    async def hourly_spend(self, tenant: str, day: str) -> HourlySpend:
+        """The spend of the tenant and of each extension in each hour of ``day``."""
+        if not _DAY.fullmatch(day):
+            raise ValidationError("day", f"not a YYYYMMDD day: {day!r}")
+        raw = await self._guarded(
+            "read hourly spend", self._client.hgetall(f"{self._base(tenant)}:hourly:{day}")
+        )
+        total: dict[int, int] = {}
+        per_ext: dict[str, dict[int, int]] = {}
+        for name, value in raw.items():
+            hour, sep, ext = _text(name).partition(":ext:")
+            if sep:
+                per_ext.setdefault(ext, {})[int(hour)] = int(value)
+            else:
+                total[int(hour)] = int(value)
+        return HourlySpend(
+            tenant=tenant,
+            day=day,
+            total=dict(sorted(total.items())),
+            extensions={ext: dict(sorted(hours.items())) for ext, hours in sorted(per_ext.items())},
+        )
+
+    async def extension_states(
+        self, tenant: str, extensions: Sequence[str]
+    ) -> dict[str, ExtensionState]:
+        """``extension_state`` of many extensions of one tenant in one round trip."""
+        base = self._base(tenant)
+        names = list(dict.fromkeys(extensions))
+        if not names:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.extension_state_key(base, name))
+        replies = await self._guarded("read extension states", pipe.execute())
+        return {name: _extension_state(raw) for name, raw in zip(names, replies, strict=True)}

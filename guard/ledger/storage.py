@@ -194,3 +194,15 @@ def ledger_from_url(
         url=masked,
         also_close=backend.also_close,
     )
+
+
+def private_memory_ledger(
+    *, prefix: str = "guard", timeout: float = DEFAULT_TIMEOUT
+) -> RedisLedger:
+    """A ledger on an in-process fake Redis of its own, shared with nothing, gone with it.
+
+    For throw-away counters (``guard replay``): unlike ``memory://``, which every ledger of the
+    process shares, nothing counted here can reach another ledger.
+    """
+    client = FakeRedis(server=FakeServer(version=(7,)), **_client_options(timeout))
+    return RedisLedger(client, prefix=check_prefix(prefix), timeout=timeout, url="memory (private)")

@@ -37,6 +37,9 @@ class ReserveRequest:
     user_agent: str = ""
     source_ip: str = ""
     channel: str = ""
+    #: Interval mode: reserve this many seconds at a time (see ``Reservation.cap_seconds``);
+    #: ``None`` reserves the whole call.
+    slice_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,13 @@ class Reservation:
     max_seconds: int = 0
     existing: bool = False
     locked_now: bool = False
+    #: Settled spend of the extension and of the tenant today, before this call (what the spend
+    #: alerts compare to the daily limits); 0 when the script stopped before reading them.
+    ext_spent: int = 0
+    tenant_spent: int = 0
+    #: Interval mode: ``max_seconds`` is the first slice, and the call may last ``cap_seconds``
+    #: as long as ``extend_slice`` extends it. 0 when the whole call was reserved.
+    cap_seconds: int = 0
 
     @property
     def allowed(self) -> bool:
@@ -102,6 +112,10 @@ class LiveCall:
     max_seconds: int
     deadline: float
     channel: str = ""
+    #: Interval reservations (see ``SliceCall``): the slice added at each extension and the
+    #: longest the call may last; both 0 for a call reserved whole.
+    slice_seconds: int = 0
+    cap_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +148,41 @@ class ExtensionState:
 
 
 @dataclass(frozen=True, slots=True)
+class IpBlock:
+    """A blocked source IP (global: every tenant refuses it with ``ip_blocked``)."""
+
+    ip: str
+    #: Epoch seconds when the block lifts by itself; ``None``: blocked until an admin unblocks it.
+    until: float | None
+    #: Why: ``too_many_refusals``, ``scanner_user_agent`` or an admin's reason.
+    reason: str
+    #: Epoch seconds.
+    at: float
+    #: ``guard`` for an automatic block, else the admin who blocked it.
+    by: str = "guard"
+    #: Refusals in the window when it was blocked (0 for an admin's block).
+    refusals: int = 0
+
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRule:
+    """When a refused attempt blocks its source IP, atomically with counting it.
+
+    ``threshold`` refusals from the IP inside the window block it for ``seconds`` (0: never);
+    ``immediate`` blocks it at once and until an admin unblocks it (a scanner User-Agent).
+    """
+
+    threshold: int = 0
+    seconds: int = 3600
+    immediate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class RefusalCounts:
-    """Refused attempts in the last 10 minutes, after counting the one just recorded."""
+    """Refused attempts in the window (10 minutes by default), counting the one just recorded."""
 
     #: From this source IP, across all tenants.
     ip: int
@@ -143,3 +190,95 @@ class RefusalCounts:
     ip_same_reason: int
     #: Of this extension.
     extension: int
+    #: The IP's block, if it is blocked (by this refusal or before).
+    block: IpBlock | None = None
+    #: This very refusal blocked the IP (true for exactly one refusal, across all guards).
+    blocked_now: bool = False
+
+
+class ThreatKind(StrEnum):
+    IP = "ip"
+    NUMBER = "number"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreatList:
+    """One imported threat list: bad source IPs/networks, or fraud number prefixes."""
+
+    name: str
+    kind: ThreatKind
+    entries: int
+    #: Epoch seconds.
+    imported_at: float
+    source: str = ""
+    by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HourlySpend:
+    """What a tenant (and each extension) spent in each hour of one of its days.
+
+    Hours are 0-23 of the tenant's wall clock; hours without spend are absent. The hours of a
+    day add up to the day's ``spent``, except for spend booked before the buckets existed.
+    """
+
+    tenant: str
+    day: str
+    total: dict[int, int]
+    extensions: dict[str, dict[int, int]]
+
+
+class SliceOutcome(StrEnum):
+    """What ``extend_slice`` did, besides refusing with a reason code (``Reason`` values such as
+    ``daily_limit_tenant`` or ``extension_locked``)."""
+
+    EXTENDED = "extended"
+    #: The slice no longer ends when the caller thought: another guard extended or cut it.
+    STALE = "stale"
+    #: The reservation is closed (settled or swept): nothing to extend.
+    GONE = "gone"
+    #: Refused: the call reached the longest it may last.
+    CAP_REACHED = "cap_reached"
+    #: Refused: asked after the slice had ended (the extender was late); the call must be cut.
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceCall:
+    """A live call reserved in interval mode, as the extender reads it (``due_slices``)."""
+
+    tenant: str
+    call_id: str
+    extension: str
+    #: Epoch seconds of the reservation.
+    started: float
+    #: Seconds the money reserved so far buys, counted from ``started``.
+    max_seconds: int
+    reserved: int
+    slice_seconds: int
+    cap_seconds: int
+    #: Epoch milliseconds when the money reserved so far runs out (``started + max_seconds``);
+    #: exact, since an extension or a cut must name it.
+    ends_ms: int
+    #: Why the reservation may no longer be extended (the call is cut at ``ends_ms``); empty
+    #: while it may.
+    final: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SliceExtension:
+    """The ledger's answer to ``extend_slice``: the outcome and the reservation afterwards."""
+
+    outcome: str
+    max_seconds: int
+    ends_ms: int
+    reserved: int
+
+    @property
+    def extended(self) -> bool:
+        return self.outcome == SliceOutcome.EXTENDED
+
+    @property
+    def refused(self) -> bool:
+        """The reservation may no longer grow: the call is to be cut when its slice ends."""
+        return self.outcome not in (SliceOutcome.EXTENDED, SliceOutcome.STALE, SliceOutcome.GONE)

@@ -117,7 +117,7 @@ local function add_spent(base, r, delta)
 end
 
 -- Turn a live reservation into spend of `cost` on its own day (not today's, if the day rolled
--- over during the call), free its call slot and forget it.
+-- over during the call), free its call slot and forget it (its slice too, in interval mode).
 local function close_reservation(base, call_id, r, cost)
     local day_key = base .. ':day:' .. r.day
     local reserved = tonumber(r.reserved)
@@ -133,6 +133,7 @@ local function close_reservation(base, call_id, r, cost)
     end
     redis.call('HDEL', base .. ':calls', call_id)
     redis.call('ZREM', base .. ':deadlines', call_id)
+    redis.call('ZREM', base .. ':slices', call_id)
     for _, suffix in ipairs({ ':live', ':calls', ':deadlines' }) do
         redis.call('EXPIRE', base .. suffix, LIVE_TTL)
     end
@@ -154,4 +155,24 @@ local function mark_closed(base, call_id, state, r, cost, now_ms)
         at = int_text(now_ms),
     }
     redis.call('SET', base .. ':settled:' .. call_id, cjson.encode(marker), 'EX', MARKER_TTL)
+end
+
+-- Add `delta` to the spend of the reservation's extension and tenant in one hour of its day (the
+-- dashboard's spend-over-the-day chart). `local_hour` is the tenant's wall clock now
+-- (YYYYMMDDHH); a call that ends after its day is over books into that day's last hour, so the
+-- hours of a day always add up to the day's spend.
+local function add_hourly(base, r, delta, local_hour)
+    if delta == 0 then
+        return
+    end
+    local today, hour = string.sub(local_hour, 1, 8), string.sub(local_hour, 9, 10)
+    if today > r.day then
+        hour = '23'
+    elseif today < r.day then
+        hour = '00'
+    end
+    local key = base .. ':hourly:' .. r.day
+    redis.call('HINCRBY', key, hour, int_text(delta))
+    redis.call('HINCRBY', key, hour .. ':ext:' .. r.ext, int_text(delta))
+    redis.call('EXPIRE', key, DAY_TTL)
 end

@@ -4,8 +4,16 @@
 -- ARGV: call_id, ext, day, now_ms, rpm, fee, initial_increment, subsequent_increment,
 --       ext_daily_limit, tenant_daily_limit, ext_concurrent_limit, tenant_concurrent_limit
 --       ('' = no limit), max_call_seconds, grace_seconds, ua_learn ('1'/'0'), user_agent,
---       number, destination, channel, source_ip
--- Returns {reason, reserved, max_seconds, existing (0/1), locked_now (0/1)}.
+--       number, destination, channel, source_ip, slice_seconds ('' = reserve the whole call)
+-- Returns {reason, reserved, max_seconds, existing (0/1), locked_now (0/1)}, and once the day's
+-- counters are read, the settled spend of the extension and of the tenant before this call (for
+-- the spend alerts, at no extra round trip), then cap_seconds when allowed.
+--
+-- Interval mode (slice_seconds given, and an extender serving the tenant: P:{t:T}:extender):
+-- the call may last cap_seconds, what a whole-call reservation would grant, but reserves only
+-- its first slice; its reservation carries slice, cap and ends and is listed in
+-- P:{t:T}:slices for the extender (extend.lua). Without an extender, or when the first slice is
+-- all the budget buys, the whole call is reserved as usual (cap_seconds 0).
 
 local base, ext_key = KEYS[1], KEYS[2]
 local call_id, ext, day = ARGV[1], ARGV[2], ARGV[3]
@@ -29,7 +37,7 @@ if packed then
     if r.ext ~= ext then
         return { 'bad_request', 0, 0, 1, 0 }
     end
-    return { 'allowed', tonumber(r.reserved), tonumber(r.max_seconds), 1, 0 }
+    return { 'allowed', tonumber(r.reserved), tonumber(r.max_seconds), 1, 0, 0, 0, tonumber(r.cap) or 0 }
 end
 if redis.call('EXISTS', base .. ':settled:' .. call_id) == 1 then
     return { 'bad_request', 0, 0, 1, 0 }
@@ -63,6 +71,7 @@ end
 
 -- Daily budgets: what is left after spend and open reservations, the smaller one binds.
 local d = redis.call('HMGET', day_key, 'spent', 'reserved', 'spent:ext:' .. ext, 'reserved:ext:' .. ext)
+local ext_spent, tenant_spent = tonumber(d[3]) or 0, tonumber(d[1]) or 0
 local ext_left, tenant_left
 if ext_limit then
     ext_left = ext_limit - (tonumber(d[3]) or 0) - (tonumber(d[4]) or 0)
@@ -77,9 +86,14 @@ end
 local max_seconds = max_affordable_seconds(rate, budget, cap)
 if max_seconds == 0 then
     if ext_left and max_affordable_seconds(rate, ext_left, cap) == 0 then
-        return { 'daily_limit_extension', 0, 0, 0, 0 }
+        return { 'daily_limit_extension', 0, 0, 0, 0, ext_spent, tenant_spent }
     end
-    return { 'daily_limit_tenant', 0, 0, 0, 0 }
+    return { 'daily_limit_tenant', 0, 0, 0, 0, ext_spent, tenant_spent }
+end
+
+local slice, cap_seconds = opt_number(ARGV[21]), 0
+if slice and slice < max_seconds and redis.call('EXISTS', base .. ':extender') == 1 then
+    cap_seconds, max_seconds = max_seconds, slice
 end
 
 local reserved = call_cost(rate, max_seconds)
@@ -89,7 +103,7 @@ redis.call('HINCRBY', day_key, 'reserved:ext:' .. ext, int_text(reserved))
 redis.call('EXPIRE', day_key, DAY_TTL)
 redis.call('HINCRBY', live_key, 'tenant', 1)
 redis.call('HINCRBY', live_key, 'ext:' .. ext, 1)
-redis.call('HSET', calls_key, call_id, cjson.encode({
+local reservation = {
     ext = ext,
     day = day,
     reserved = int_text(reserved),
@@ -104,9 +118,16 @@ redis.call('HSET', calls_key, call_id, cjson.encode({
     deadline = int_text(deadline_ms),
     channel = ARGV[19],
     ip = ARGV[20],
-}))
+}
+if cap_seconds > 0 then
+    reservation.slice, reservation.cap = ARGV[21], int_text(cap_seconds)
+    reservation.ends = int_text(now_ms + max_seconds * 1000)
+    redis.call('ZADD', base .. ':slices', reservation.ends, call_id)
+    redis.call('EXPIRE', base .. ':slices', LIVE_TTL)
+end
+redis.call('HSET', calls_key, call_id, cjson.encode(reservation))
 redis.call('ZADD', deadlines_key, int_text(deadline_ms), call_id)
 for _, key in ipairs({ live_key, calls_key, deadlines_key }) do
     redis.call('EXPIRE', key, LIVE_TTL)
 end
-return { 'allowed', reserved, max_seconds, 0, 0 }
+return { 'allowed', reserved, max_seconds, 0, 0, ext_spent, tenant_spent, cap_seconds }

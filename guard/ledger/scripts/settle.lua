@@ -1,10 +1,11 @@
 -- Settle one call exactly once (RedisLedger.settle).
 --
--- KEYS[1] tenant base. ARGV: call_id, billsec (already clamped), now_ms.
+-- KEYS[1] tenant base. ARGV: call_id, billsec (already clamped), now_ms, local_hour (YYYYMMDDHH,
+-- the tenant's wall clock: the hourly bucket the spend lands in).
 -- Returns {outcome, ext, cost, reserved, over_reservation (0/1)}.
 
 local base = KEYS[1]
-local call_id, billsec, now_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local call_id, billsec, now_ms, local_hour = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local marker_key = base .. ':settled:' .. call_id
 
 local marker = redis.call('GET', marker_key)
@@ -16,6 +17,7 @@ if marker then
     -- The sweeper charged the reservation in full: correct the spend to the real cost.
     local cost = call_cost(rate_of(m), billsec)
     add_spent(base, m, cost - tonumber(m.cost))
+    add_hourly(base, m, cost - tonumber(m.cost), local_hour)
     mark_closed(base, call_id, 'settled', m, cost, now_ms)
     local reserved = tonumber(m.reserved)
     return { 'settled_after_sweep', m.ext, cost, reserved, cost > reserved and 1 or 0 }
@@ -26,6 +28,7 @@ if packed then
     local r = cjson.decode(packed)
     local cost = call_cost(rate_of(r), billsec)
     close_reservation(base, call_id, r, cost)
+    add_hourly(base, r, cost, local_hour)
     mark_closed(base, call_id, 'settled', r, cost, now_ms)
     local reserved = tonumber(r.reserved)
     return { 'settled', r.ext, cost, reserved, cost > reserved and 1 or 0 }

@@ -1,0 +1,391 @@
+"""What the dashboard shows, as plain JSON-able data: one method per page, shared by the JSON API.
+
+Reads only: the ledger's counters and live calls, the event feed, the IP blocks, and the
+configuration snapshot (tenants, extensions, limits, time zones, currencies). Amounts stay
+integers in sub-units (``guard.money``) and times stay epoch seconds beside the tenant's time
+zone; formatting is the renderer's job. A counter store that fails or times out never breaks a
+page: the part it feeds is empty and ``store_error`` says why. Results are cached for
+``cache_seconds`` so that many open browsers cost Redis no more than one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from guard.domain import UaLockMode
+from guard.engine import SnapshotHolder
+from guard.errors import StorageError
+from guard.feed import EventFeed, FeedEvent, utc_day
+from guard.ledger.redis_ledger import RedisLedger
+from guard.ledger.types import ExtensionState, SpendCounters, TenantCounters
+from guard.schedule import tenant_day
+from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
+
+_T = TypeVar("_T")
+JSON = dict[str, Any]
+
+#: Most rows a page or an API answer carries (extensions of a tenant, live calls, tenants).
+MAX_ROWS = 1000
+#: Concurrent Redis reads of one page (one per tenant on the overview).
+READ_CONCURRENCY = 32
+EXTENSION_SORTS = ("name", "spent", "reserved", "used", "live_calls", "locked")
+EVENT_LIMIT = 50
+
+
+def _used(spent: int, reserved: int, limit: int | None) -> float | None:
+    """Share of a daily limit that is spent or reserved (``None`` without a limit)."""
+    if limit is None:
+        return None
+    return 1.0 if limit <= 0 else round((spent + reserved) / limit, 4)
+
+
+def event_json(event: FeedEvent, timezone: str) -> JSON:
+    return {**asdict(event), "timezone": timezone}
+
+
+class DashboardData:
+    """The data of every page, read from the ledger, the feed and the current snapshot."""
+
+    def __init__(
+        self,
+        ledger: RedisLedger,
+        feed: EventFeed,
+        snapshots: SnapshotHolder,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_seconds: float = 1.0,
+    ) -> None:
+        self.ledger = ledger
+        self.feed = feed
+        self.snapshots = snapshots
+        self.clock = clock
+        self._cache_seconds = cache_seconds
+        self._cache: dict[tuple[object, ...], tuple[float, Any]] = {}
+        self._index: tuple[Snapshot | None, dict[str, list[ExtensionConfig]]] = (None, {})
+        self._slots = asyncio.Semaphore(READ_CONCURRENCY)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.snapshots.current
+
+    def tenant_zone(self, tenant: str) -> str:
+        config = self.snapshot.tenants.get(tenant)
+        return config.timezone if config is not None else "UTC"
+
+    async def _cached(self, key: tuple[object, ...], make: Callable[[], Awaitable[_T]]) -> _T:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self._cache_seconds:
+            value: _T = hit[1]
+            return value
+        value = await make()
+        self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self._cache_seconds}
+        self._cache[key] = (now, value)
+        return value
+
+    async def _read(self, read: Awaitable[_T]) -> _T:
+        async with self._slots:
+            return await read
+
+    def extensions_of(self, tenant: str) -> list[ExtensionConfig]:
+        """The tenant's configured extensions, by name (indexed once per snapshot)."""
+        snapshot = self.snapshot
+        if self._index[0] is not snapshot:
+            index: dict[str, list[ExtensionConfig]] = {}
+            for (owner, _), config in snapshot.extensions.items():
+                index.setdefault(owner, []).append(config)
+            for configs in index.values():
+                configs.sort(key=lambda config: config.name)
+            self._index = (snapshot, index)
+        return self._index[1].get(tenant, [])
+
+    # ---- pages ----------------------------------------------------------------------------
+
+    def status(self) -> JSON:
+        """Where the data comes from and how fresh the configuration is."""
+        holder = self.snapshots
+        snapshot = holder.current
+        return {
+            "store": self.ledger.url,
+            "config_version": snapshot.version,
+            "snapshot_built_at": snapshot.built_at,
+            "snapshot_age_seconds": round(max(0.0, self.clock() - snapshot.built_at), 1),
+            "reload_error": holder.last_error,
+            "reload_error_at": holder.last_error_at or None,
+        }
+
+    async def overview(self) -> JSON:
+        return await self._cached(("overview",), self._overview)
+
+    async def _overview(self) -> JSON:
+        now = self.clock()
+        tenants = list(self.snapshot.tenants.values())
+        found = await asyncio.gather(*(self._tenant_summary(config, now) for config in tenants))
+        rows = [row for row, _ in found]
+        rows.sort(key=lambda row: (-(row["spent"] + row["reserved"]), row["name"]))
+        errors = sorted({row["store_error"] for row in rows if row["store_error"]})
+        return {
+            "now": now,
+            "status": self.status(),
+            "tenant_count": len(rows),
+            "tenants": rows[:MAX_ROWS],
+            "store_error": errors[0] if errors else "",
+        }
+
+    async def _tenant_summary(
+        self, config: TenantConfig, now: float
+    ) -> tuple[JSON, TenantCounters | None]:
+        """The tenant's overview row, and its counters (``None`` if the store failed)."""
+        day = tenant_day(config.timezone, now)
+        row: JSON = {
+            "name": config.name,
+            "timezone": config.timezone,
+            "currency": config.currency,
+            "enabled": config.enabled,
+            "day": day,
+            "spent": 0,
+            "reserved": 0,
+            "daily_limit": config.daily_limit,
+            "used": None,
+            "live_calls": 0,
+            "concurrent_limit": config.concurrent_limit,
+            "refusals_last_hour": {},
+            "alerts_today": {},
+            "store_error": "",
+        }
+        try:
+            counters, refusals, alerts = await asyncio.gather(
+                self._read(self.ledger.counters(config.name, day)),
+                self._read(self.feed.refusals_last_hour(config.name, now)),
+                self._read(self.feed.alerts(config.name, day)),
+            )
+        except StorageError as exc:
+            row["store_error"] = str(exc)
+            return row, None
+        total = counters.total
+        row.update(
+            spent=total.spent,
+            reserved=total.reserved,
+            used=_used(total.spent, total.reserved, config.daily_limit),
+            live_calls=total.live_calls,
+            refusals_last_hour=refusals,
+            alerts_today=alerts,
+        )
+        return row, counters
+
+    async def tenant(self, name: str, sort: str = "name", descending: bool = False) -> JSON | None:
+        """The tenant page: its summary, extensions (sorted), hourly spend and recent events."""
+        config = self.snapshot.tenants.get(name)
+        if config is None:
+            return None
+        if sort not in EXTENSION_SORTS:
+            sort = "name"
+        return await self._cached(
+            ("tenant", name, sort, descending), lambda: self._tenant(config, sort, descending)
+        )
+
+    async def _tenant(self, config: TenantConfig, sort: str, descending: bool) -> JSON:
+        now = self.clock()
+        summary, counters = await self._tenant_summary(config, now)
+        extensions = self.extensions_of(config.name)
+        names = [extension.name for extension in extensions]
+        store_error = summary["store_error"]
+        per_ext: Mapping[str, SpendCounters] = counters.extensions if counters else {}
+        states: Mapping[str, ExtensionState] = {}
+        hourly: JSON = self._hourly_json(config, summary["day"], {}, {})
+        events: list[JSON] = []
+        try:
+            states, spend, recent = await asyncio.gather(
+                self.ledger.extension_states(config.name, names),
+                self.ledger.hourly_spend(config.name, summary["day"]),
+                self.feed.recent(config.name, EVENT_LIMIT),
+            )
+        except StorageError as exc:
+            store_error = store_error or str(exc)
+        else:
+            hourly = self._hourly_json(config, summary["day"], spend.total, spend.extensions)
+            events = [event_json(event, config.timezone) for event in recent]
+        rows = [
+            self._extension_row(extension, per_ext.get(extension.name), states.get(extension.name))
+            for extension in extensions
+        ]
+        rows.sort(key=_extension_sort_key(sort), reverse=descending)
+        return {
+            "now": now,
+            "tenant": summary,
+            "sort": sort,
+            "descending": descending,
+            "extension_count": len(rows),
+            "extensions": rows[:MAX_ROWS],
+            "hourly": hourly,
+            "events": events,
+            "store_error": store_error,
+        }
+
+    @staticmethod
+    def _extension_row(
+        config: ExtensionConfig, counters: SpendCounters | None, state: ExtensionState | None
+    ) -> JSON:
+        spend = counters or SpendCounters()
+        runtime = state or ExtensionState()
+        return {
+            "name": config.name,
+            "profile": config.profile,
+            "spent": spend.spent,
+            "reserved": spend.reserved,
+            "daily_limit": config.daily_limit,
+            "used": _used(spend.spent, spend.reserved, config.daily_limit),
+            "live_calls": spend.live_calls,
+            "concurrent_limit": config.concurrent_limit,
+            "locked": runtime.locked or config.locked,
+            "runtime_locked": runtime.locked,
+            "config_locked": config.locked,
+            "lock_reason": runtime.lock_reason or config.lock_reason,
+            "locked_at": runtime.locked_at,
+            "ua_mode": config.ua_mode.value,
+            "ua_pattern": config.ua_value if config.ua_mode is UaLockMode.PIN else None,
+            "learned_user_agent": runtime.learned_user_agent,
+        }
+
+    async def hourly(self, name: str, day: str | None = None) -> JSON | None:
+        """The tenant's spend by hour of ``day`` (default: its today), with running totals."""
+        config = self.snapshot.tenants.get(name)
+        if config is None:
+            return None
+        wanted = day or tenant_day(config.timezone, self.clock())
+        spend = await self.ledger.hourly_spend(name, wanted)
+        return self._hourly_json(config, wanted, spend.total, spend.extensions)
+
+    @staticmethod
+    def _hourly_json(
+        config: TenantConfig,
+        day: str,
+        total: Mapping[int, int],
+        extensions: Mapping[str, Mapping[int, int]],
+    ) -> JSON:
+        hours = []
+        running = 0
+        for hour in range(24):
+            spent = total.get(hour, 0)
+            running += spent
+            hours.append({"hour": hour, "spent": spent, "cumulative": running})
+        return {
+            "tenant": config.name,
+            "day": day,
+            "timezone": config.timezone,
+            "currency": config.currency,
+            "daily_limit": config.daily_limit,
+            "hours": hours,
+            "extensions": {
+                ext: {str(hour): spent for hour, spent in by_hour.items()}
+                for ext, by_hour in extensions.items()
+            },
+        }
+
+    async def calls(self, tenant: str | None = None) -> JSON:
+        """Live calls (open reservations) of one tenant or all, longest-running first."""
+        return await self._cached(("calls", tenant), lambda: self._calls(tenant))
+
+    async def _calls(self, tenant: str | None) -> JSON:
+        now = self.clock()
+        tenants = self.snapshot.tenants
+        names = [tenant] if tenant is not None else list(tenants)
+        found = await asyncio.gather(
+            *(self._read(self.ledger.live_calls(name)) for name in names if name in tenants),
+            return_exceptions=True,
+        )
+        rows: list[JSON] = []
+        errors: list[str] = []
+        for result in found:
+            if isinstance(result, StorageError):
+                errors.append(str(result))
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            for call in result:
+                config = tenants[call.tenant]
+                rows.append(
+                    {
+                        "tenant": call.tenant,
+                        "timezone": config.timezone,
+                        "currency": config.currency,
+                        "call_id": call.call_id,
+                        "channel": call.channel,
+                        "extension": call.extension,
+                        "number": call.number,
+                        "destination": call.destination,
+                        "rate_per_minute": call.rate_per_minute,
+                        "started": call.started,
+                        "running_seconds": max(0, int(now - call.started)),
+                        "reserved": call.reserved,
+                        "max_seconds": call.max_seconds,
+                        "deadline": call.deadline,
+                    }
+                )
+        rows.sort(key=lambda row: (row["started"], row["tenant"], row["call_id"]))
+        return {
+            "now": now,
+            "tenant": tenant,
+            "call_count": len(rows),
+            "calls": rows[:MAX_ROWS],
+            "store_error": errors[0] if errors else "",
+        }
+
+    async def security(self) -> JSON:
+        return await self._cached(("security",), self._security)
+
+    async def _security(self) -> JSON:
+        now = self.clock()
+        day = utc_day(now)
+        result: JSON = {
+            "now": now,
+            "day": day,
+            "blocked_ips": [],
+            "scanner_user_agents": [],
+            "scanner_ips": [],
+            "top_refused_ips": [],
+            "alerts_today": {},
+            "events": [],
+            "store_error": "",
+        }
+        try:
+            blocks, agents, scanner_ips, ips, alerts, recent = await asyncio.gather(
+                self.ledger.ip_blocks(now),
+                self.feed.top("scanners", day),
+                self.feed.top("scanner-ips", day),
+                self.feed.top("ips", day),
+                self.feed.alerts(None, day),
+                self.feed.recent(None, EVENT_LIMIT),
+            )
+        except StorageError as exc:
+            result["store_error"] = str(exc)
+            return result
+        result.update(
+            blocked_ips=[asdict(block) for block in blocks],
+            scanner_user_agents=[asdict(item) for item in agents],
+            scanner_hits=sum(item.count for item in agents),
+            scanner_ips=[asdict(item) for item in scanner_ips],
+            top_refused_ips=[asdict(item) for item in ips],
+            alerts_today=alerts,
+            events=[event_json(event, self.tenant_zone(event.tenant)) for event in recent],
+        )
+        return result
+
+    async def events(self, tenant: str | None = None, limit: int = EVENT_LIMIT) -> JSON:
+        recent = await self.feed.recent(tenant, max(1, min(limit, 1000)))
+        return {
+            "tenant": tenant,
+            "events": [event_json(event, self.tenant_zone(event.tenant)) for event in recent],
+        }
+
+
+def _extension_sort_key(sort: str) -> Callable[[JSON], Any]:
+    if sort == "used":
+        return lambda row: (row["used"] if row["used"] is not None else -1.0, row["name"])
+    if sort == "name":
+        return lambda row: row["name"]
+    return lambda row: (row[sort], row["name"])

@@ -1,0 +1,179 @@
+"""The dashboard's JSON API and pages over real counters: calls authorized and settled through a
+metered engine on the real Redis, configuration in SQLite, read back by ``guard dashboard``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import pytest
+from dashboard_support import PARIS, UK_MOBILE, Harness, client_of, harness, row
+from prometheus_client.parser import text_string_to_metric_families
+
+from guard.config import repository
+from guard.domain import Reason, Result
+from guard.money import call_cost, parse_money
+from guard.schedule import tenant_day, zone
+
+
+@pytest.fixture
+async def env(sqlite_url: str, redis_url: str, key_prefix: str) -> AsyncIterator[Harness]:
+    async with harness(sqlite_url, redis_url, key_prefix) as found:
+        yield found
+
+
+async def test_overview_shows_todays_spend_reservations_and_live_calls(env: Harness) -> None:
+    first = await env.authorize(number=UK_MOBILE)
+    second = await env.authorize(extension="1002", number=PARIS)
+    assert first.allowed and second.allowed
+    settled = await env.engine.settle("acme", first.call_id, 61)
+    async with client_of(env.dashboard()) as client:
+        response = await client.get("/api/overview")
+        assert response.status == 200
+        body = await response.json()
+    acme = row(body["tenants"], name="acme")
+    assert acme["spent"] == settled.cost == parse_money("0.20")
+    assert acme["reserved"] == second.reserved
+    assert acme["live_calls"] == 1 and acme["concurrent_limit"] == 10
+    assert acme["daily_limit"] == parse_money("50") and acme["currency"] == "GBP"
+    assert acme["day"] == tenant_day("Europe/London", time.time())
+    assert body["status"]["config_version"] == env.snapshots.current.version
+
+
+async def test_tenant_page_data_per_extension_sorted_with_locks_and_agents(env: Harness) -> None:
+    await env.authorize(number=UK_MOBILE)
+    await env.authorize(extension="1002", number=PARIS)
+    stolen = await env.authorize(user_agent="MicroSIP/3.21")
+    assert stolen.reason is Reason.USER_AGENT_MISMATCH
+    async with client_of(env.dashboard()) as client:
+        body = await (await client.get("/api/tenants/acme?sort=reserved&order=desc")).json()
+        ascending = await (await client.get("/api/tenants/acme?sort=reserved")).json()
+        missing = await client.get("/api/tenants/nobody")
+    # 1001 reserved its whole 5.00; 1002's hour to Paris at 0.08/min reserves 4.80.
+    assert [e["name"] for e in body["extensions"]] == ["1001", "1002"]
+    assert [e["name"] for e in ascending["extensions"]] == ["1002", "1001"]
+    first = row(body["extensions"], name="1001")
+    assert first["locked"] and first["lock_reason"] == "user_agent_mismatch"
+    assert first["learned_user_agent"] == "Yealink SIP-T46S 66.86.0.15"
+    assert first["ua_mode"] == "learn" and first["live_calls"] == 1
+    assert body["tenant"]["refusals_last_hour"] == {"user_agent_mismatch": 1}
+    assert body["tenant"]["alerts_today"] == {"locked": 1}
+    assert [e["kind"] for e in body["events"]][:2] == ["refused", "locked"]
+    assert missing.status == 404
+
+
+async def test_hourly_spend_lands_in_the_tenants_local_hour(env: Harness) -> None:
+    decision = await env.authorize(number=UK_MOBILE)
+    settled = await env.engine.settle("acme", decision.call_id, 125)
+    hour = datetime.now(zone("Europe/London")).hour
+    async with client_of(env.dashboard()) as client:
+        body = await (await client.get("/api/tenants/acme/hourly")).json()
+        bad = await client.get("/api/tenants/acme/hourly?day=yesterday")
+    assert body["hours"][hour]["spent"] == settled.cost == call_cost(decision.destination, 125)
+    assert body["hours"][23]["cumulative"] == settled.cost
+    assert body["extensions"] == {"1001": {str(hour): settled.cost}}
+    assert bad.status == 400
+
+
+async def test_live_calls_list_the_reservations(env: Harness) -> None:
+    decision = await env.authorize(number=UK_MOBILE, channel="PJSIP/1001-00000abc")
+    async with client_of(env.dashboard()) as client:
+        body = await (await client.get("/api/calls")).json()
+        page = await (await client.get("/calls")).text()
+    call = row(body["calls"], call_id=decision.call_id)
+    assert call["channel"] == "PJSIP/1001-00000abc" and call["extension"] == "1001"
+    assert call["number"] == "447700900123" and call["destination"] == "UK mobile"
+    assert call["reserved"] == decision.reserved and call["max_seconds"] == decision.max_seconds
+    assert call["rate_per_minute"] == parse_money("0.10") and call["running_seconds"] >= 0
+    assert "PJSIP/1001-00000abc" in page and "0.1000 GBP" in page
+
+
+async def test_security_shows_scanners_refused_ips_and_recent_events(env: Harness) -> None:
+    scanner = await env.authorize(user_agent="friendly-scanner", source_ip="203.0.113.7")
+    assert scanner.reason is Reason.SCANNER_USER_AGENT
+    for _ in range(2):
+        await env.authorize(tenant="nobody", source_ip="198.51.100.9")
+    async with client_of(env.dashboard()) as client:
+        body = await (await client.get("/api/security")).json()
+        events = await (await client.get("/api/events?tenant=acme&limit=5")).json()
+    assert body["scanner_user_agents"] == [{"name": "friendly-scanner", "count": 1}]
+    assert body["scanner_ips"] == [{"name": "203.0.113.7", "count": 1}]
+    assert {"name": "198.51.100.9", "count": 2} in body["top_refused_ips"]
+    assert any(event["reason"] == "unknown_tenant" for event in body["events"])
+    assert all(event["tenant"] == "acme" for event in events["events"])
+
+
+async def test_hostile_network_values_are_rendered_escaped(env: Harness) -> None:
+    hostile = '<script>alert("ua")</script><img src=x onerror=alert(1)>'
+    await env.authorize(user_agent=hostile)
+    await env.authorize(user_agent=f"friendly-scanner {hostile}", source_ip="203.0.113.8")
+    await env.authorize(number=f"0{hostile}")
+    async with client_of(env.dashboard()) as client:
+        pages = [await (await client.get(path)).text() for path in ("/tenants/acme", "/security")]
+        stream = await client.get("/stream?view=tenant&tenant=acme")
+        fragments = json.loads(
+            (await stream.content.readuntil(b"\n\n")).decode().split("data: ")[1]
+        )
+        stream.close()
+    for html in [*pages, *fragments.values()]:
+        assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&#34;ua&#34;)&lt;/script&gt;" in pages[0]
+    assert "&lt;script&gt;" in pages[1]
+
+
+async def test_pages_render_and_update_through_the_stream(env: Harness) -> None:
+    async with client_of(env.dashboard(stream_interval=0.05)) as client:
+        for path in ("/", "/tenants/acme", "/calls", "/security"):
+            response = await client.get(path)
+            assert response.status == 200, path
+            assert "text/html" in response.headers["Content-Type"]
+            assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        stream = await client.get("/stream?view=overview")
+        assert stream.headers["Content-Type"] == "text/event-stream"
+        before = (await stream.content.readuntil(b"\n\n")).decode()
+        await env.authorize(number=UK_MOBILE)
+        after = (await stream.content.readuntil(b"\n\n")).decode()
+        stream.close()
+    assert before.startswith("event: update\ndata: ") and after.startswith("event: update\n")
+    tenants = json.loads(after.split("data: ", 1)[1])["tenants"]
+    assert "5.0000 GBP" in tenants  # the mobile call's reservation, shown live
+
+
+async def test_store_down_shows_an_error_not_a_crash(
+    sqlite_url: str, key_prefix: str, redis_url: str
+) -> None:
+    async with (
+        harness(sqlite_url, "redis://127.0.0.1:1/0", key_prefix) as dead,
+        client_of(dead.dashboard()) as client,
+    ):
+        overview = await (await client.get("/api/overview")).json()
+        page = await client.get("/tenants/acme")
+        assert page.status == 200
+    assert "counter store" in overview["store_error"]
+
+
+async def test_metrics_export_spend_per_tenant_with_a_bounded_label_set(env: Harness) -> None:
+    repository.add_tenant(env.sql, "zeta", actor="test", currency="EUR")
+    env.reload()
+    await env.authorize(number=UK_MOBILE)
+    async with client_of(env.dashboard(metrics_max_tenants=1)) as client:
+        response = await client.get("/metrics")
+        text = await response.text()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    reserved = families["guard_tenant_reserved_today"].samples
+    assert [(s.labels, s.value) for s in reserved] == [({"tenant": "acme", "currency": "GBP"}, 5.0)]
+    assert families["guard_tenants"].samples[0].value == 2
+    assert families["guard_live_calls"].samples[0].value == 1
+    assert families["guard_blocked_ips"].samples[0].value == 0
+    assert families["guard_dashboard_store_up"].samples[0].value == 1
+
+
+async def test_a_refused_call_still_counts_in_decision_metrics(env: Harness) -> None:
+    allowed = await env.authorize(number=UK_MOBILE)
+    refused = await env.authorize(tenant="nobody")
+    assert (allowed.result, refused.result) == (Result.ALLOW, Result.DENY)
+    text = env.metrics.render().decode()
+    assert 'guard_decisions_total{reason="allowed",result="ALLOW"} 1.0' in text
+    assert 'guard_decisions_total{reason="unknown_tenant",result="DENY"} 1.0' in text
