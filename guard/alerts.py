@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from guard.aio import honour_cancellation
 from guard.domain import Reason
 from guard.errors import StorageError
 from guard.events import Event, EventKind, safe_ip
@@ -445,10 +446,7 @@ class AlertDispatcher:
                     await self.deliver(alert)
             except Exception:
                 log.exception("alert delivery failed", extra=log_fields(rule=alert.rule))
-            # A cancellation swallowed inside a Redis command (redis-py) still ends the loop.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            honour_cancellation()
 
     async def drain(self) -> None:
         """Deliver what is queued now (shutdown, tests)."""

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from guard.aio import honour_cancellation
 from guard.domain import (
     FAIL_OPEN_CLASSES,
     CallAttempt,
@@ -105,6 +106,7 @@ class SnapshotHolder:
         while True:
             await asyncio.sleep(interval)
             await self.reload_if_changed(build, version)
+            honour_cancellation()
 
     async def reload_if_changed(
         self, build: Callable[[], Snapshot], version: Callable[[], Awaitable[int]]
@@ -567,6 +569,7 @@ class Engine:
                 await self.sweep()
             except StorageError as exc:
                 log.warning("sweep skipped: store unavailable", extra=log_fields(error=str(exc)))
+            honour_cancellation()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
 
+from guard.aio import honour_cancellation
 from guard.domain import Reason
 from guard.errors import StorageError
 from guard.events import Event, EventKind, safe_ip
@@ -209,6 +210,7 @@ class EventFeed:
         """Write queued events until cancelled; a failed batch stays queued and is retried."""
         delay = retry_delay
         while True:
+            honour_cancellation()
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()

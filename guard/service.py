@@ -21,6 +21,7 @@ from sqlalchemy import Engine as SqlEngine
 
 from guard.agi.routes import GuardRoutes
 from guard.agi.server import AGIServer
+from guard.aio import honour_cancellation
 from guard.alerts import AlertDispatcher, Deduper, channels_from_settings
 from guard.ari.app import AriAppSettings, GuardStasisApp, RefuseMode
 from guard.ari.client import AriClient
@@ -91,6 +92,7 @@ class Services:
                 return await self.config_version(ask_sql=ask)
 
             await self.snapshots.reload_if_changed(lambda: build_snapshot(self.sql), version)
+            honour_cancellation()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
+from guard.aio import honour_cancellation
 from guard.domain import Reason
 from guard.errors import StorageError
 from guard.ledger.types import BlockRule, IpBlock, RefusalCounts, ThreatKind
@@ -178,9 +179,5 @@ class Perimeter:
                 self.last_error = str(exc)
             else:
                 self.last_error = ""
-            # redis-py can swallow a cancellation that lands inside a command (seen with redis
-            # 8.1 on Python 3.11): honour it here, or a shutdown would wait for this loop forever.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            honour_cancellation()
             await asyncio.sleep(self.settings.refresh_interval)
