@@ -30,6 +30,7 @@ from guard.domain import (
     Decision,
     FailMode,
     Reason,
+    ReservationMode,
     Result,
 )
 from guard.errors import StorageError
@@ -203,6 +204,9 @@ class Engine:
             user_agent=attempt.user_agent,
             source_ip=str(policy.source_ip or ""),
             channel=attempt.channel,
+            slice_seconds=tenant.slice_seconds
+            if tenant.reservation_mode is ReservationMode.INTERVAL
+            else None,
         )
         try:
             reservation = await self.ledger.reserve(request)
@@ -234,6 +238,7 @@ class Engine:
             number=number,
             destination=rate,
             reserved=reservation.reserved,
+            cap_seconds=reservation.cap_seconds,
         )
 
     async def preview(self, attempt: CallAttempt, now: float | None = None) -> Preview:

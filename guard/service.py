@@ -351,5 +351,6 @@ async def _until_stopped(stop: Awaitable[None], stasis: asyncio.Task[None] | Non
             [waiter] if stasis is None else [waiter, stasis], return_when="FIRST_COMPLETED"
         )
     finally:
-        waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
+        if waiter is not stop:  # a task of ours, not the caller's future
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)

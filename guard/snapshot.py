@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
-from guard.domain import CountryMode, DestinationClass, FailMode, Rate, UaLockMode
+from guard.domain import CountryMode, DestinationClass, FailMode, Rate, ReservationMode, UaLockMode
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -120,6 +120,10 @@ class TenantConfig:
     #: GeoIP country list (ISO 3166 alpha-2 codes, upper case) of the source address.
     country_mode: CountryMode = CountryMode.OFF
     countries: frozenset[str] = frozenset()
+    #: How the tenant's calls hold budget: the longest affordable call at once, or one slice of
+    #: ``slice_seconds`` at a time, extended while the call lasts (``guard.interval``).
+    reservation_mode: ReservationMode = ReservationMode.CALL
+    slice_seconds: int = 300
 
 
 @dataclass(frozen=True, slots=True)

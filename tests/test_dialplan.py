@@ -170,3 +170,60 @@ async def test_ari_dialplan_dials_only_on_allow_after_stasis(
         "guard-ari-outbound-pjsip", "00441234567", Channel(functions=dict(PJSIP))
     )
     assert bool(channel.dialed) is dials
+
+
+# --- interval reservations ------------------------------------------------------------------
+
+ALLOW_SLICE = {"GUARD_RESULT": "ALLOW", "GUARD_MAX_SECONDS": "300"}
+
+
+async def _run_either(path: Path, left: dict[str, str], preset: dict[str, str]) -> Channel:
+    """Run ``path`` for one call whose Guard (FastAGI or Stasis) leaves ``left`` behind;
+    ``preset``: variables the endpoint set before the dialplan ran (e.g. ``set_var``)."""
+
+    def guard(data: str, channel: Channel) -> None:
+        channel.variables.update(left)
+        channel.variables["AGISTATUS" if path == AGI_FILE else "STASISSTATUS"] = "SUCCESS"
+
+    prefix = "guard-ari" if path == ARI_FILE else "guard"
+    channel = Channel(variables=dict(preset), functions=dict(PJSIP))
+    return await Dialplan(path, agi=guard, stasis=guard).run(
+        f"{prefix}-outbound-pjsip", "00441234567", channel
+    )
+
+
+@pytest.mark.parametrize("path", [AGI_FILE, ARI_FILE], ids=["agi", "ari"])
+@pytest.mark.parametrize(
+    ("left", "limit"),
+    [
+        ({**ALLOW_SLICE, "GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "3600"}, "3600000"),
+        ({**ALLOW_SLICE, "GUARD_CAP_SECONDS": "3600"}, "300000"),  # no mode: the slice binds
+        ({**ALLOW_SLICE, "GUARD_MODE": "Interval", "GUARD_CAP_SECONDS": "3600"}, "300000"),
+        ({**ALLOW_SLICE, "GUARD_MODE": "interval"}, None),  # interval without a cap: refused
+        ({**ALLOW_SLICE, "GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "0"}, None),
+        ({**ALLOW_SLICE, "GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "36x"}, None),
+        ({**ALLOW_SLICE, "GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "1234567"}, None),
+        ({"GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "3600"}, None),  # no ALLOW
+        (
+            {"GUARD_RESULT": "ALLOW", "GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "3600"},
+            None,  # a cap never stands in for a missing GUARD_MAX_SECONDS
+        ),
+    ],
+)
+async def test_interval_mode_dials_with_the_cap_only_when_guard_set_both(
+    path: Path, left: dict[str, str], limit: str | None
+) -> None:
+    channel = await _run_either(path, left, {})
+    if limit is None:
+        assert channel.dialed == [] and channel.hangup_cause == "21"
+    else:
+        assert channel.dialed == [f"PJSIP/00441234567@carrier,60,L({limit})"]
+
+
+@pytest.mark.parametrize("path", [AGI_FILE, ARI_FILE], ids=["agi", "ari"])
+async def test_an_endpoint_cannot_claim_interval_mode_for_itself(path: Path) -> None:
+    # pjsip.conf set_var (or an inherited variable) naming a mode and a cap before Guard runs:
+    # the dialplan resets the mode, so Guard's whole-call limit still binds.
+    preset = {"GUARD_MODE": "interval", "GUARD_CAP_SECONDS": "99999"}
+    channel = await _run_either(path, {"GUARD_RESULT": "ALLOW", "GUARD_MAX_SECONDS": "60"}, preset)
+    assert channel.dialed == ["PJSIP/00441234567@carrier,60,L(60000)"]

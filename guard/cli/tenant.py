@@ -26,7 +26,7 @@ from guard.cli.common import (
 )
 from guard.config import repository
 from guard.config.repository import TenantInfo
-from guard.domain import FailMode
+from guard.domain import FailMode, ReservationMode
 from guard.money import MAX_CALL_SECONDS
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -97,6 +97,20 @@ def _tenant_options(command: _F) -> _F:
             "(new tenants: 3600).",
         ),
         click.option(
+            "--reservation-mode",
+            type=click.Choice([mode.value for mode in ReservationMode]),
+            help="call: reserve the longest affordable call at once (new tenants); interval: "
+            "reserve one slice at a time, extended while the call lasts (needs `guard ari` "
+            "or `guard serve --ari` running).",
+        ),
+        click.option(
+            "--slice",
+            "slice_seconds",
+            type=int,
+            metavar="SECONDS",
+            help="Interval mode: seconds reserved at a time, at least 30 (new tenants: 300).",
+        ),
+        click.option(
             "--enable/--disable",
             "enabled",
             default=None,
@@ -120,6 +134,8 @@ def _given(
     country_code: str | None,
     max_call_seconds: int | None,
     enabled: bool | None,
+    reservation_mode: str | None,
+    slice_seconds: int | None,
 ) -> dict[str, Any]:
     """The options given on the command line, as repository keyword arguments."""
     fields: dict[str, Any] = {
@@ -133,6 +149,8 @@ def _given(
         "country_code": country_code,
         "max_call_seconds": max_call_seconds,
         "enabled": enabled,
+        "reservation_mode": reservation_mode,
+        "slice_seconds": slice_seconds,
     }
     return {
         key: value.value if isinstance(value, Limit) else value
@@ -154,8 +172,16 @@ def tenant_json(info: TenantInfo) -> dict[str, Any]:
         "country_code": info.country_code,
         "max_call_seconds": info.max_call_seconds,
         "enabled": info.enabled,
+        "reservation_mode": info.reservation_mode.value,
+        "slice_seconds": info.slice_seconds,
         "created_at": when(info.created_at),
     }
+
+
+def _reservations(info: TenantInfo) -> str:
+    if info.reservation_mode is ReservationMode.INTERVAL:
+        return f"interval, {info.slice_seconds} s at a time"
+    return "whole call"
 
 
 def _print_tenant(info: TenantInfo) -> None:
@@ -173,6 +199,7 @@ def _print_tenant(info: TenantInfo) -> None:
             ("fail mode", info.fail_mode),
             ("dialing", dialing),
             ("max call", f"{info.max_call_seconds} s"),
+            ("reservations", _reservations(info)),
             ("enabled", "yes" if info.enabled else "no (calls refused)"),
             ("created", when(info.created_at)),
         ],

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from guard.config.db import store_errors
 from guard.config.models import Base
 from guard.config.repository import DEFAULT_PROFILE, DEFAULT_PROFILES, GLOBAL_DECK, VERSION_KEY
-from guard.domain import CountryMode, DestinationClass, FailMode, Rate, UaLockMode
+from guard.domain import CountryMode, DestinationClass, FailMode, Rate, ReservationMode, UaLockMode
 from guard.snapshot import (
     DEFAULT_EMERGENCY_NUMBERS,
     DEFAULT_SCANNER_PATTERNS,
@@ -239,6 +239,8 @@ class _Builder:
             c.block_seconds,
             c.country_mode,
             c.countries,
+            c.reservation_mode,
+            c.slice_seconds,
         ):
             tenant_id, name = row[0], row[1]
             extra = emergency.get(tenant_id)
@@ -263,6 +265,8 @@ class _Builder:
                 ip_allow=tuple(self.network(n) for n in self.allowed.get(tenant_id, ())),
                 country_mode=_COUNTRY_MODES[row[14]],
                 countries=self.countries(row[15]),
+                reservation_mode=ReservationMode(row[16]),
+                slice_seconds=row[17],
             )
         return tenants
 

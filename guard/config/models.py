@@ -63,6 +63,10 @@ class Tenant(Base):
     #: GeoIP country list: ``off``, ``allow`` or ``deny`` the comma-separated ISO codes.
     country_mode: Mapped[str] = mapped_column(String(8), default="off", server_default="off")
     countries: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    #: ``call`` or ``interval`` (``guard.domain.ReservationMode``), and the seconds an interval
+    #: reservation holds at a time (migration 0003).
+    reservation_mode: Mapped[str] = mapped_column(String(16), default="call", server_default="call")
+    slice_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
 
     extensions: Mapped[list[Extension]] = relationship(
         back_populates="tenant", cascade="all, delete-orphan", passive_deletes=True

@@ -44,7 +44,7 @@ from guard.config.models import (
     Tenant,
     TimeWindow,
 )
-from guard.domain import CountryMode, DestinationClass, FailMode, Rate, UaLockMode
+from guard.domain import CountryMode, DestinationClass, FailMode, Rate, ReservationMode, UaLockMode
 from guard.errors import NotFoundError, ValidationError
 from guard.money import MAX_AMOUNT, MAX_CALL_SECONDS, MAX_RATE, format_money, parse_money
 from guard.snapshot import DEFAULT_EMERGENCY_NUMBERS, DEFAULT_SCANNER_PATTERNS, IPNetwork
@@ -72,6 +72,8 @@ DEFAULT_PROFILE = "domestic"
 GLOBAL_DECK = "global"
 VERSION_KEY = "version"
 MAX_CONCURRENT = 100_000
+#: Shortest interval slice: an extension every few seconds would be all overhead.
+MIN_SLICE_SECONDS = 30
 MAX_INCREMENT = 3600
 RATE_COLUMNS: Final = (
     "prefix",
@@ -142,6 +144,8 @@ class TenantInfo:
     max_call_seconds: int
     enabled: bool
     created_at: datetime
+    reservation_mode: ReservationMode = ReservationMode.CALL
+    slice_seconds: int = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +409,8 @@ _TENANT_FIELDS: Final[dict[str, Callable[[Any], Any]]] = {
     "country_code": lambda v: _digits("country_code", v, 0, 4),
     "max_call_seconds": lambda v: _bounded("max_call_seconds", v, 1, MAX_CALL_SECONDS),
     "enabled": lambda v: _flag("enabled", v),
+    "reservation_mode": lambda v: _enum("reservation_mode", ReservationMode, v).value,
+    "slice_seconds": lambda v: _bounded("slice_seconds", v, MIN_SLICE_SECONDS, MAX_CALL_SECONDS),
 }
 
 
@@ -559,6 +565,8 @@ def _tenant_info(tenant: Tenant) -> TenantInfo:
         max_call_seconds=tenant.max_call_seconds,
         enabled=tenant.enabled,
         created_at=_aware(tenant.created_at),
+        reservation_mode=ReservationMode(tenant.reservation_mode),
+        slice_seconds=tenant.slice_seconds,
     )
 
 
@@ -596,6 +604,8 @@ def add_tenant(
     country_code: str = "",
     max_call_seconds: int = 3600,
     enabled: bool = True,
+    reservation_mode: str = ReservationMode.CALL,
+    slice_seconds: int = 300,
 ) -> TenantInfo:
     """Create a tenant with its ``domestic`` and ``international`` routing profiles."""
     name = _tenant_name(name)
@@ -612,6 +622,8 @@ def add_tenant(
             "country_code": country_code,
             "max_call_seconds": max_call_seconds,
             "enabled": enabled,
+            "reservation_mode": reservation_mode,
+            "slice_seconds": slice_seconds,
         },
     )
     with session_scope(engine) as session:
@@ -645,6 +657,8 @@ def set_tenant(
     country_code: Keep[str] = UNSET,
     max_call_seconds: Keep[int] = UNSET,
     enabled: Keep[bool] = UNSET,
+    reservation_mode: Keep[str] = UNSET,
+    slice_seconds: Keep[int] = UNSET,
 ) -> TenantInfo:
     """Change the given fields of a tenant (``None`` limits mean "no limit")."""
     changes = _validated(
@@ -660,6 +674,8 @@ def set_tenant(
             "country_code": country_code,
             "max_call_seconds": max_call_seconds,
             "enabled": enabled,
+            "reservation_mode": reservation_mode,
+            "slice_seconds": slice_seconds,
         },
     )
     if not changes:
