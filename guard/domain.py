@@ -42,6 +42,10 @@ class Reason(StrEnum):
     BAD_REQUEST = "bad_request"
     #: The dialed number starts with a prefix of an imported fraud-number threat list.
     THREAT_NUMBER = "threat_number"
+    #: Allowed only because the tenant or extension is in shadow mode (``guard.shadow``): Guard
+    #: would have refused it; the would-be reason is in ``Decision.detail`` and the
+    #: ``shadow_refused`` event. Nothing is reserved for it: there is nothing to settle.
+    SHADOW = "shadow"
 
 
 class DestinationClass(StrEnum):

@@ -11,11 +11,17 @@ The perimeter (``guard.perimeter``) comes first: a blocked source IP is refused 
 path), and is not counted again. Every other refusal is counted in the background; the count
 blocks the IP atomically once it passes the threshold (a scanner User-Agent at once), and that
 refusal emits the one ``ip_blocked`` event of the block.
+
+Shadow mode (``guard.shadow``): a call of a tenant or extension in shadow mode is judged the same
+way, but on the shadow counters (``shadow_ledger``), and let go: a would-be refusal becomes
+``Reason.SHADOW`` and a ``shadow_refused`` event, except the refusals that shadow mode enforces.
+``settle`` finds the ledger that holds the call, so adapters need not know the mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,11 +52,12 @@ from guard.ledger.types import (
     SweptCall,
 )
 from guard.logs import log_fields
-from guard.money import max_affordable_seconds
+from guard.money import MAX_CALL_SECONDS, max_affordable_seconds
 from guard.perimeter import Perimeter
 from guard.policy import PolicyResult, evaluate, parse_source_ip
 from guard.rating import is_emergency_number
 from guard.schedule import tenant_day
+from guard.shadow import enforced_in_shadow, in_shadow
 from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
 
 log = logging.getLogger("guard.engine")
@@ -81,6 +88,9 @@ class Preview:
     tenant_today: SpendCounters | None = None
     extension_today: SpendCounters | None = None
     store_error: str = ""
+    #: The call is in shadow mode: counters are the shadow ones, and a refusal that shadow mode
+    #: does not enforce would let the call go (``Reason.SHADOW``).
+    shadow: bool = False
 
 
 def _remaining(limit: int | None, counters: SpendCounters) -> int | None:
@@ -151,6 +161,7 @@ class Engine:
         settings: EngineSettings | None = None,
         clock: Clock = time.time,
         perimeter: Perimeter | None = None,
+        shadow_ledger: Ledger | None = None,
     ) -> None:
         self.snapshots = snapshots
         self.ledger = ledger
@@ -160,6 +171,9 @@ class Engine:
         #: Blocks, allow-lists, threat lists and GeoIP; ``None``: no perimeter checks. The
         #: composition root may set it after construction (before serving).
         self.perimeter = perimeter
+        #: The shadow counters (``guard.shadow``), set like ``perimeter``. ``None``: calls in
+        #: shadow mode are let go unjudged, as when the shadow counters are unreachable.
+        self.shadow_ledger = shadow_ledger
         self._background: set[asyncio.Task[None]] = set()
         self._spend_seen: set[tuple[str, str, str]] = set()
 
@@ -168,7 +182,7 @@ class Engine:
         snapshot = self.snapshots.current
         blocked = self._blocked(snapshot, attempt, now)
         if blocked is not None:
-            return self._refuse(attempt, Reason.IP_BLOCKED, "", blocked, now, count=False)
+            return self._judged(attempt, Reason.IP_BLOCKED, "", blocked, now, count=False)
         extra = self.perimeter.checks if self.perimeter is not None else ()
         policy = evaluate(snapshot, attempt, datetime.fromtimestamp(now, UTC), extra)
         number = policy.number.e164 if policy.number else ""
@@ -182,7 +196,7 @@ class Engine:
                 destination=policy.rate,
             )
         if policy.reason is not None:
-            return self._refuse(attempt, policy.reason, number, policy, now)
+            return self._judged(attempt, policy.reason, number, policy, now)
         tenant, extension, rate = policy.tenant, policy.extension, policy.rate
         assert tenant is not None and extension is not None and rate is not None
         day = tenant_day(tenant.timezone, now)
@@ -208,6 +222,8 @@ class Engine:
             if tenant.reservation_mode is ReservationMode.INTERVAL
             else None,
         )
+        if in_shadow(tenant, extension):
+            return await self._authorize_shadow(attempt, request, policy, number, now)
         try:
             reservation = await self.ledger.reserve(request)
         except StorageError as exc:
@@ -266,16 +282,20 @@ class Engine:
                 destination=policy.rate,
             )
             return Preview(decision, policy)
+        shadow = in_shadow(policy.tenant, policy.extension)
         if policy.reason is not None:
             deny = Decision(Result.DENY, policy.reason, 0, attempt.call_id, number, policy.rate)
-            return Preview(deny, policy)
+            return Preview(deny, policy, shadow=shadow)
         tenant, extension, rate = policy.tenant, policy.extension, policy.rate
         assert tenant is not None and extension is not None and rate is not None
+        ledger = self.shadow_ledger if shadow else self.ledger
         try:
-            counters = await self.ledger.counters(tenant.name, tenant_day(tenant.timezone, moment))
+            if ledger is None:
+                raise StorageError("no shadow counters in this process")
+            counters = await ledger.counters(tenant.name, tenant_day(tenant.timezone, moment))
         except StorageError as exc:
             decision = self._store_unavailable(attempt, policy, number, str(exc), emit=False)
-            return Preview(decision, policy, store_error=str(exc))
+            return Preview(decision, policy, store_error=str(exc), shadow=shadow)
         ext_today = counters.extensions.get(extension.name, SpendCounters())
         reason = Reason.ALLOWED
         if (
@@ -308,7 +328,119 @@ class Engine:
             number=number,
             destination=rate,
         )
-        return Preview(decision, policy, counters.total, ext_today)
+        return Preview(decision, policy, counters.total, ext_today, shadow=shadow)
+
+    def _judged(
+        self,
+        attempt: CallAttempt,
+        reason: Reason,
+        number: str,
+        policy: PolicyResult,
+        now: float,
+        *,
+        count: bool = True,
+    ) -> Decision:
+        """``_refuse``, unless the call is in shadow mode and shadow mode lets ``reason`` go."""
+        tenant = policy.tenant
+        if (
+            tenant is not None
+            and not enforced_in_shadow(reason, tenant)
+            and in_shadow(tenant, self.snapshots.current.extension(tenant.name, attempt.extension))
+        ):
+            return self._shadow_refused(attempt, reason, number, policy, tenant)
+        return self._refuse(attempt, reason, number, policy, now, count=count)
+
+    async def _authorize_shadow(
+        self,
+        attempt: CallAttempt,
+        request: ReserveRequest,
+        policy: PolicyResult,
+        number: str,
+        now: float,
+    ) -> Decision:
+        """Judge the limits of a call in shadow mode on the shadow counters; let it go.
+
+        A lock in the live counters (an admin's, or a changed User-Agent's while enforced) still
+        refuses. The shadow reservation holds the whole call (never slices: nothing extends it)
+        until the tenant's ``max_call_seconds`` plus grace, the longest the call may really
+        last, so only a lost hangup is swept. Unreachable shadow counters let the call go.
+        """
+        tenant, extension, rate = policy.tenant, policy.extension, policy.rate
+        assert tenant is not None and extension is not None and rate is not None
+        try:
+            locked = (await self.ledger.extension_state(tenant.name, extension.name)).locked
+        except StorageError:
+            locked = False
+        if locked:
+            return self._refuse(attempt, Reason.EXTENSION_LOCKED, number, policy, now)
+        shadow_request = dataclasses.replace(
+            request,
+            grace_seconds=min(tenant.max_call_seconds + request.grace_seconds, MAX_CALL_SECONDS),
+            slice_seconds=None,
+        )
+        try:
+            if self.shadow_ledger is None:
+                raise StorageError("no shadow counters in this process")
+            reservation = await self.shadow_ledger.reserve(shadow_request)
+        except StorageError as exc:
+            return self._shadow_refused(
+                attempt, Reason.STORE_UNAVAILABLE, number, policy, tenant, error=str(exc)[:200]
+            )
+        if not reservation.allowed:
+            locked_now = {"locked": True} if reservation.locked_now else {}
+            return self._shadow_refused(
+                attempt, reservation.reason, number, policy, tenant, **locked_now
+            )
+        return Decision(
+            Result.ALLOW,
+            Reason.ALLOWED,
+            tenant.max_call_seconds,
+            attempt.call_id,
+            number=number,
+            destination=rate,
+            detail="shadow",
+        )
+
+    def _shadow_refused(
+        self,
+        attempt: CallAttempt,
+        reason: Reason,
+        number: str,
+        policy: PolicyResult,
+        tenant: TenantConfig,
+        **detail: object,
+    ) -> Decision:
+        """Record what Guard would have refused (``shadow_refused``) and let the call go.
+
+        Not counted towards IP blocks: a customer trying out a tight limit must not get its own
+        PBX blocked.
+        """
+        rate = policy.rate
+        self.events.emit(
+            Event(
+                EventKind.SHADOW_REFUSED,
+                reason,
+                attempt.tenant,
+                attempt.extension,
+                attempt.source_ip,
+                attempt.call_id,
+                {
+                    "number": attempt.number,
+                    "ua": attempt.user_agent,
+                    "class": rate.dest_class.value if rate is not None else "",
+                    **detail,
+                },
+            )
+        )
+        return Decision(
+            Result.ALLOW,
+            Reason.SHADOW,
+            tenant.max_call_seconds,
+            attempt.call_id,
+            number=number,
+            destination=rate,
+            detail=reason.value,
+        )
 
     def _refuse(
         self,
@@ -512,7 +644,14 @@ class Engine:
         )
 
     async def settle(self, tenant: str, call_id: str, billsec: int) -> SettleResult:
-        """Charge the real cost of a finished call, exactly once (see the ledger)."""
+        """Charge the real cost of a finished call, exactly once (see the ledger).
+
+        A call the shadow counters hold (open, settled or swept) is settled there, silently:
+        only its would-be spend changes. Any other call is settled in the live counters.
+        """
+        shadow = self.shadow_ledger
+        if shadow is not None and await shadow.holds(tenant, call_id):
+            return await shadow.settle(tenant, call_id, max(0, billsec), self.clock())
         result = await self.ledger.settle(tenant, call_id, max(0, billsec), self.clock())
         detail: dict[str, object] = {"billsec": billsec, "cost": result.cost}
         if result.outcome is SettleOutcome.UNKNOWN_CALL:
@@ -547,25 +686,37 @@ class Engine:
         return result
 
     async def sweep(self) -> list[SweptCall]:
-        """Charge in full every reservation past its deadline, in every tenant."""
+        """Charge in full every reservation past its deadline, in every tenant.
+
+        The shadow counters are swept too; their swept calls are events (``shadow`` in the
+        detail), not part of the answer, which is about money.
+        """
         now = self.clock()
         swept: list[SweptCall] = []
         for tenant in list(self.snapshots.current.tenants):
             calls = await self.ledger.sweep(tenant, now)
-            for call in calls:
-                self.events.emit(
-                    Event(
-                        EventKind.SWEPT,
-                        "reservation_expired",
-                        call.tenant,
-                        call.extension,
-                        "",
-                        call.call_id,
-                        {"charged": call.charged, "deadline": int(call.deadline)},
-                    )
-                )
+            self._emit_swept(calls)
             swept.extend(calls)
+            if self.shadow_ledger is not None:
+                self._emit_swept(await self.shadow_ledger.sweep(tenant, now), shadow=True)
         return swept
+
+    def _emit_swept(self, calls: list[SweptCall], *, shadow: bool = False) -> None:
+        for call in calls:
+            detail: dict[str, object] = {"charged": call.charged, "deadline": int(call.deadline)}
+            if shadow:
+                detail["shadow"] = True
+            self.events.emit(
+                Event(
+                    EventKind.SWEPT,
+                    "reservation_expired",
+                    call.tenant,
+                    call.extension,
+                    "",
+                    call.call_id,
+                    detail,
+                )
+            )
 
     async def sweep_forever(self, interval: float) -> None:
         while True:

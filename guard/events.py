@@ -47,6 +47,9 @@ class EventKind:
     #: Settled spend reached the warning share (80% by default) of a daily limit. A used-up
     #: limit is the ``refused`` event with reason ``daily_limit_extension``/``_tenant``.
     SPEND_WARNING = "spend_warning"
+    #: Shadow mode (``guard.shadow``): Guard would have refused the call for the reason given,
+    #: and let it go.
+    SHADOW_REFUSED = "shadow_refused"
 
 
 def safe_ip(text: str) -> str:

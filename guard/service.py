@@ -42,6 +42,7 @@ from guard.metrics import MeteredEngine, MeteredLedger, ServeMetrics, start_metr
 from guard.perimeter import Perimeter, PerimeterSettings
 from guard.perimeter.geoip import open_geoip
 from guard.settings import Settings
+from guard.shadow import shadow_prefix
 
 log = logging.getLogger("guard.service")
 
@@ -61,6 +62,8 @@ class Services:
     metrics: ServeMetrics
     perimeter: Perimeter
     alerts: AlertDispatcher
+    #: The shadow counters (``guard.shadow``), beside ``ledger`` on the same store.
+    shadow_ledger: RedisLedger
 
     @property
     def memory_store(self) -> bool:
@@ -101,7 +104,17 @@ class Services:
             await self.feed.flush()
         await self.alerts.close()
         await self.ledger.close()
+        await self.shadow_ledger.close()
         self.sql.dispose()
+
+
+def shadow_ledger_for(settings: Settings) -> RedisLedger:
+    """The shadow counters of ``settings``' store: its URL, the prefix ``<prefix>-shadow``."""
+    return ledger_from_url(
+        settings.redis_url,
+        prefix=shadow_prefix(settings.redis_prefix),
+        timeout=settings.redis_timeout,
+    )
 
 
 def build_services(settings: Settings) -> Services:
@@ -143,10 +156,12 @@ def build_services(settings: Settings) -> Services:
         ),
         geoip=open_geoip(settings.geoip_db, settings.geoip_mode),
     )
+    shadow = shadow_ledger_for(settings)
+    engine.shadow_ledger = MeteredLedger(shadow, metrics, tenant_zone)
     alerts = AlertDispatcher(channels_from_settings(settings), dedupe=Deduper(ledger.claim_once))
     events.add_sink(alerts)
     return Services(
-        settings, sql, ledger, snapshots, events, engine, feed, metrics, perimeter, alerts
+        settings, sql, ledger, snapshots, events, engine, feed, metrics, perimeter, alerts, shadow
     )
 
 

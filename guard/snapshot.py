@@ -124,6 +124,11 @@ class TenantConfig:
     #: ``slice_seconds`` at a time, extended while the call lasts (``guard.interval``).
     reservation_mode: ReservationMode = ReservationMode.CALL
     slice_seconds: int = 300
+    #: Shadow mode (``guard.shadow``): every call is judged, none refused (but see
+    #: ``shadow_enforce_perimeter`` and ``guard.shadow.ALWAYS_ENFORCED``).
+    shadow: bool = False
+    #: In shadow mode, still refuse the perimeter's reasons (``guard.shadow.PERIMETER_REASONS``).
+    shadow_enforce_perimeter: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,8 @@ class ExtensionConfig:
     #: GeoIP country list of the source address, checked besides the tenant's.
     country_mode: CountryMode = CountryMode.OFF
     countries: frozenset[str] = frozenset()
+    #: Shadow mode for this extension alone (the tenant's ``shadow`` covers every extension).
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)

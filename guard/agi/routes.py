@@ -22,8 +22,8 @@ dialplan puts ``tenant`` and ``ext`` first.
     ``tenant``: default the channel's ``GUARD_TENANT``.
     ``billsec``: answered seconds; default the channel's ``CDR(billsec)``, then ``ANSWEREDTIME``.
     Settles only a call that ``authorize`` let out with a reservation (``GUARD_RESULT`` is
-    ``ALLOW`` and ``GUARD_REASON`` is not ``emergency``), then sets ``GUARD_SETTLED`` to the
-    ledger's outcome, ``skipped`` or ``error``.
+    ``ALLOW`` and ``GUARD_REASON`` is neither ``emergency`` nor ``shadow``), then sets
+    ``GUARD_SETTLED`` to the ledger's outcome, ``skipped`` or ``error``.
 
 A handler here never lets an exception reach the server except a lost connection, and never
 calls the engine for a request it cannot identify.
@@ -217,7 +217,7 @@ class GuardRoutes:
             await self._mark(request, ERROR, fields)
             return
         var_tenant, cdr_billsec, answered, result, reason = parts
-        if result != Result.ALLOW.value or reason == Reason.EMERGENCY.value:
+        if result != Result.ALLOW.value or reason in (Reason.EMERGENCY, Reason.SHADOW):
             await self._mark(request, SKIPPED, fields)
             return
         tenant = request.query.get("tenant") or var_tenant

@@ -44,6 +44,7 @@ from guard.errors import StorageError
 from guard.ledger import RedisLedger
 from guard.ledger.types import ExtensionState, SpendCounters
 from guard.schedule import tenant_day
+from guard.service import shadow_ledger_for
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -113,6 +114,7 @@ def ext_json(info: ExtensionInfo) -> dict[str, Any]:
         "locked": info.locked,
         "lock_reason": info.lock_reason or None,
         "locked_at": when(info.locked_at),
+        "shadow": info.shadow,
         "created_at": when(info.created_at),
     }
 
@@ -126,6 +128,7 @@ def _ext_fields(info: ExtensionInfo, currency: str) -> list[tuple[str, object]]:
         ("concurrent limit", limit_count(info.concurrent_limit)),
         ("user agent lock", ua),
         ("locked (config)", lock),
+        ("shadow mode", "ON: calls judged, none refused" if info.shadow else "off"),
     ]
 
 
@@ -178,6 +181,14 @@ def add(
 @ext.command("set")
 @click.argument("name")
 @_ext_options
+@click.option(
+    "--shadow",
+    type=click.BOOL,
+    metavar="on|off",
+    help="Shadow mode for this extension alone: its calls are judged on shadow counters and "
+    "what would be refused is recorded (shadow_refused events), but none is refused. "
+    "`guard tenant set --shadow` covers every extension.",
+)
 @json_option
 @pass_state
 def set_(
@@ -189,6 +200,7 @@ def set_(
     concurrent: Limit | None,
     ua_mode: str | None,
     ua_pattern: str | None,
+    shadow: bool | None,
     as_json: bool,
 ) -> None:
     """Change the given fields of extension NAME; the others stay as they are.
@@ -207,6 +219,7 @@ def set_(
         concurrent_limit=keep(concurrent),
         ua_mode=UNSET if ua_mode is None else ua_mode,
         ua_value=UNSET if ua_pattern is None else ua_pattern,
+        shadow=UNSET if shadow is None else shadow,
     )
     state.changed()
     if as_json:
@@ -392,10 +405,15 @@ def unlock(state: CliState, name: str, tenant: str, forget_ua: bool) -> None:
         click.echo(f"unlocked extension {name} of tenant {tenant} in the configuration")
         warn(f"{MEMORY_STORE_NOTE}: a runtime lock stays until the guard restarts")
         return
+
+    async def unlock_both(ledger: RedisLedger) -> bool:
+        """The live counters' lock, and the shadow counters' (learned in shadow mode)."""
+        async with shadow_ledger_for(state.admin_settings) as shadow:
+            await shadow.unlock_extension(tenant, name, forget_ua=forget_ua)
+        return await ledger.unlock_extension(tenant, name, forget_ua=forget_ua)
+
     try:
-        was_locked = state.with_ledger(
-            lambda ledger: ledger.unlock_extension(tenant, name, forget_ua=forget_ua)
-        )
+        was_locked = state.with_ledger(unlock_both)
     except StorageError as exc:
         raise Refused(
             f"unlocked in the configuration, but the runtime lock may remain: {exc}"

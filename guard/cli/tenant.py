@@ -116,6 +116,20 @@ def _tenant_options(command: _F) -> _F:
             default=None,
             help="A disabled tenant's calls are refused (unknown_tenant), emergency excepted.",
         ),
+        click.option(
+            "--shadow",
+            type=click.BOOL,
+            metavar="on|off",
+            help="Shadow mode: judge every call on shadow counters and record what would be "
+            "refused (shadow_refused events), but refuse none (new tenants: off).",
+        ),
+        click.option(
+            "--shadow-enforce-perimeter",
+            type=click.BOOL,
+            metavar="on|off",
+            help="In shadow mode, still refuse scanners, blocked IPs and threat lists "
+            "(new tenants: on).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -136,6 +150,8 @@ def _given(
     enabled: bool | None,
     reservation_mode: str | None,
     slice_seconds: int | None,
+    shadow: bool | None,
+    shadow_enforce_perimeter: bool | None,
 ) -> dict[str, Any]:
     """The options given on the command line, as repository keyword arguments."""
     fields: dict[str, Any] = {
@@ -151,6 +167,8 @@ def _given(
         "enabled": enabled,
         "reservation_mode": reservation_mode,
         "slice_seconds": slice_seconds,
+        "shadow": shadow,
+        "shadow_enforce_perimeter": shadow_enforce_perimeter,
     }
     return {
         key: value.value if isinstance(value, Limit) else value
@@ -174,6 +192,8 @@ def tenant_json(info: TenantInfo) -> dict[str, Any]:
         "enabled": info.enabled,
         "reservation_mode": info.reservation_mode.value,
         "slice_seconds": info.slice_seconds,
+        "shadow": info.shadow,
+        "shadow_enforce_perimeter": info.shadow_enforce_perimeter,
         "created_at": when(info.created_at),
     }
 
@@ -182,6 +202,13 @@ def _reservations(info: TenantInfo) -> str:
     if info.reservation_mode is ReservationMode.INTERVAL:
         return f"interval, {info.slice_seconds} s at a time"
     return "whole call"
+
+
+def _shadow(info: TenantInfo) -> str:
+    if not info.shadow:
+        return "off"
+    perimeter = "enforced" if info.shadow_enforce_perimeter else "shadowed too"
+    return f"ON: calls judged, none refused (perimeter {perimeter})"
 
 
 def _print_tenant(info: TenantInfo) -> None:
@@ -201,6 +228,7 @@ def _print_tenant(info: TenantInfo) -> None:
             ("max call", f"{info.max_call_seconds} s"),
             ("reservations", _reservations(info)),
             ("enabled", "yes" if info.enabled else "no (calls refused)"),
+            ("shadow mode", _shadow(info)),
             ("created", when(info.created_at)),
         ],
         indent=2,

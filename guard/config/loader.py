@@ -241,6 +241,8 @@ class _Builder:
             c.countries,
             c.reservation_mode,
             c.slice_seconds,
+            c.shadow,
+            c.shadow_enforce_perimeter,
         ):
             tenant_id, name = row[0], row[1]
             extra = emergency.get(tenant_id)
@@ -267,6 +269,8 @@ class _Builder:
                 countries=self.countries(row[15]),
                 reservation_mode=ReservationMode(row[16]),
                 slice_seconds=row[17],
+                shadow=bool(row[18]),
+                shadow_enforce_perimeter=bool(row[19]),
             )
         return tenants
 
@@ -302,6 +306,7 @@ class _Builder:
             c.lock_reason,
             c.country_mode,
             c.countries,
+            c.shadow,
         ):
             extension_id, tenant_id, name = row[0], row[1], row[2]
             tenant = tenant_names[tenant_id]
@@ -326,6 +331,7 @@ class _Builder:
                 windows=windows.get(scope, ()),
                 country_mode=_COUNTRY_MODES[row[10]],
                 countries=self.countries(row[11]),
+                shadow=bool(row[12]),
             )
         return extensions
 

@@ -20,6 +20,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -67,6 +69,12 @@ class Tenant(Base):
     #: reservation holds at a time (migration 0003).
     reservation_mode: Mapped[str] = mapped_column(String(16), default="call", server_default="call")
     slice_seconds: Mapped[int] = mapped_column(Integer, default=300, server_default="300")
+    #: Shadow mode: judge every call, refuse none but the perimeter's when
+    #: ``shadow_enforce_perimeter`` (``guard.shadow``, migration 0004).
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    shadow_enforce_perimeter: Mapped[bool] = mapped_column(
+        Boolean, default=True, server_default=true()
+    )
 
     extensions: Mapped[list[Extension]] = relationship(
         back_populates="tenant", cascade="all, delete-orphan", passive_deletes=True
@@ -110,6 +118,8 @@ class Extension(Base):
     #: GeoIP country list of the extension, checked besides the tenant's (migration 0002).
     country_mode: Mapped[str] = mapped_column(String(8), default="off", server_default="off")
     countries: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    #: Shadow mode for this extension alone (``guard.shadow``, migration 0004).
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     tenant: Mapped[Tenant] = relationship(back_populates="extensions")
     profile: Mapped[RoutingProfile | None] = relationship()

@@ -146,6 +146,9 @@ class TenantInfo:
     created_at: datetime
     reservation_mode: ReservationMode = ReservationMode.CALL
     slice_seconds: int = 300
+    #: Shadow mode (``guard.shadow``): judged, never refused but for the perimeter if enforced.
+    shadow: bool = False
+    shadow_enforce_perimeter: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,8 @@ class ExtensionInfo:
     lock_reason: str
     locked_at: datetime | None
     created_at: datetime
+    #: Shadow mode for this extension alone (the tenant's covers every extension).
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +416,8 @@ _TENANT_FIELDS: Final[dict[str, Callable[[Any], Any]]] = {
     "enabled": lambda v: _flag("enabled", v),
     "reservation_mode": lambda v: _enum("reservation_mode", ReservationMode, v).value,
     "slice_seconds": lambda v: _bounded("slice_seconds", v, MIN_SLICE_SECONDS, MAX_CALL_SECONDS),
+    "shadow": lambda v: _flag("shadow", v),
+    "shadow_enforce_perimeter": lambda v: _flag("shadow_enforce_perimeter", v),
 }
 
 
@@ -567,6 +574,8 @@ def _tenant_info(tenant: Tenant) -> TenantInfo:
         created_at=_aware(tenant.created_at),
         reservation_mode=ReservationMode(tenant.reservation_mode),
         slice_seconds=tenant.slice_seconds,
+        shadow=tenant.shadow,
+        shadow_enforce_perimeter=tenant.shadow_enforce_perimeter,
     )
 
 
@@ -583,6 +592,7 @@ def _extension_info(tenant: str, extension: Extension) -> ExtensionInfo:
         lock_reason=extension.lock_reason,
         locked_at=_aware(extension.locked_at) if extension.locked_at is not None else None,
         created_at=_aware(extension.created_at),
+        shadow=extension.shadow,
     )
 
 
@@ -606,6 +616,8 @@ def add_tenant(
     enabled: bool = True,
     reservation_mode: str = ReservationMode.CALL,
     slice_seconds: int = 300,
+    shadow: bool = False,
+    shadow_enforce_perimeter: bool = True,
 ) -> TenantInfo:
     """Create a tenant with its ``domestic`` and ``international`` routing profiles."""
     name = _tenant_name(name)
@@ -624,6 +636,8 @@ def add_tenant(
             "enabled": enabled,
             "reservation_mode": reservation_mode,
             "slice_seconds": slice_seconds,
+            "shadow": shadow,
+            "shadow_enforce_perimeter": shadow_enforce_perimeter,
         },
     )
     with session_scope(engine) as session:
@@ -659,6 +673,8 @@ def set_tenant(
     enabled: Keep[bool] = UNSET,
     reservation_mode: Keep[str] = UNSET,
     slice_seconds: Keep[int] = UNSET,
+    shadow: Keep[bool] = UNSET,
+    shadow_enforce_perimeter: Keep[bool] = UNSET,
 ) -> TenantInfo:
     """Change the given fields of a tenant (``None`` limits mean "no limit")."""
     changes = _validated(
@@ -676,6 +692,8 @@ def set_tenant(
             "enabled": enabled,
             "reservation_mode": reservation_mode,
             "slice_seconds": slice_seconds,
+            "shadow": shadow,
+            "shadow_enforce_perimeter": shadow_enforce_perimeter,
         },
     )
     if not changes:
@@ -768,6 +786,7 @@ def set_extension(
     concurrent_limit: Keep[int | None] = UNSET,
     ua_mode: Keep[str] = UNSET,
     ua_value: Keep[str | None] = UNSET,
+    shadow: Keep[bool] = UNSET,
 ) -> ExtensionInfo:
     """Change the given fields. Switching ``ua_mode`` clears the User-Agent unless ``ua_value``
     is given too (so ``learn`` starts learning afresh)."""
@@ -775,8 +794,9 @@ def set_extension(
         {
             "daily_limit": lambda v: _amount("daily_limit", v),
             "concurrent_limit": lambda v: _concurrent("concurrent_limit", v),
+            "shadow": lambda v: _flag("shadow", v),
         },
-        {"daily_limit": daily_limit, "concurrent_limit": concurrent_limit},
+        {"daily_limit": daily_limit, "concurrent_limit": concurrent_limit, "shadow": shadow},
     )
     if profile is UNSET and ua_mode is UNSET and ua_value is UNSET and not changes:
         raise ValidationError("changes", "nothing to change")

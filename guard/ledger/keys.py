@@ -63,6 +63,9 @@ Perimeter keys are global (a scanner tries many tenants), so they share their ow
 
 The dashboard's event feed (recent events, refusals by hour, alerts by day) lives beside these
 keys under the same prefix and hash tags; ``guard.feed`` documents its keys.
+
+Shadow mode (``guard.shadow``) keeps its counters in a second ledger under the prefix
+``P-shadow``, with this same schema: its calls reserve and settle there, never under ``P``.
 """
 
 from __future__ import annotations

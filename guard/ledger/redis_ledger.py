@@ -411,6 +411,19 @@ class RedisLedger:
             )
         return sorted(calls, key=lambda call: (call.started, call.call_id))
 
+    async def holds(self, tenant: str, call_id: str) -> bool:
+        """Whether ``call_id`` reserved in this ledger: open, settled or swept.
+
+        The marker an unknown call's settle leaves does not count. Read-only; tells the engine
+        which of two ledgers (live or shadow) a call's settle belongs to.
+        """
+        base = self._base(tenant)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hexists(f"{base}:calls", call_id)
+        pipe.get(f"{base}:settled:{call_id}")
+        is_open, marker = await self._guarded("look up call", pipe.execute())
+        return bool(is_open) or (marker is not None and json.loads(marker).get("state") != "orphan")
+
     # --- interval reservations (scripts/extend.lua) -------------------------------------------
 
     async def due_slices(
