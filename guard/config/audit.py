@@ -1,4 +1,4 @@
-"""Writes batches of events to the ``audit_events`` table (called by the event bus, off the hot path)."""
+"""Writes batches of events to the ``audit_events`` table, for the event bus (off the hot path)."""
 
 from __future__ import annotations
 
