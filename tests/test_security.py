@@ -52,9 +52,12 @@ async def test_allow_list_refuses_a_client_from_another_address(
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, local_addr=("127.0.0.2", 0)
         )
-        writer.write(environment)
-        await writer.drain()
-        refused = await asyncio.wait_for(reader.read(), 10)
+        try:
+            writer.write(environment)
+            await writer.drain()
+            refused = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:  # closed before it read our bytes: refused all the same
+            refused = b""
         writer.close()
         served = await Phone(port).authorize("from-127.0.0.1")
     finally:
