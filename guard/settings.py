@@ -24,7 +24,7 @@ from guard.errors import ConfigurationError
 Listen = tuple[str, int]
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: A secret in a URL's query (``?password=…``, libpq's ``sslpassword=…``).
-_SECRET_OPTION = re.compile(r"(?i)([?&](?:password|passwd|pwd|sslpassword)=)[^&]*")
+_SECRET_OPTION = re.compile(r"(?i)((?:password|passwd|pwd)=)[^&]*")
 
 
 def parse_listen(text: str) -> Listen:
@@ -551,14 +551,16 @@ class Settings:
 
 
 def mask_url(url: str) -> str:
-    """Hide the passwords of a URL: the user part (``redis://:secret@h`` -> ``redis://:***@h``,
-    with several ``host:port`` pairs too) and ``password=``-style query options."""
+    """Hide the secrets of a URL: the user part (``redis://:secret@h`` -> ``redis://:***@h``;
+    a user part without a colon may be a token: ``redis://***@h``), with several ``host:port``
+    pairs too, and ``password=``-style options. Used for every URL Guard shows or logs."""
     scheme, sep, rest = url.partition("://")
     if sep:
         netloc, slash, tail = rest.partition("/")
         userinfo, at, hosts = netloc.rpartition("@")
-        if at and ":" in userinfo:
-            netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
         url = f"{scheme}://{netloc}{slash}{tail}"
     return _SECRET_OPTION.sub(r"\1***", url)
 

@@ -8,6 +8,7 @@ vocabulary it shares with the engine; ``guard.ledger.keys`` documents the Redis 
 from __future__ import annotations
 
 from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, RedisLedger
-from guard.ledger.storage import ledger_from_url, mask_url
+from guard.ledger.storage import ledger_from_url
+from guard.settings import mask_url
 
 __all__ = ["DEFAULT_TIMEOUT", "RedisLedger", "ledger_from_url", "mask_url"]

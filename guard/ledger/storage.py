@@ -40,6 +40,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from guard.errors import ConfigurationError
 from guard.ledger.keys import check_prefix
 from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, Closable, RedisClient, RedisLedger
+from guard.settings import mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +61,6 @@ _REDIS_PORT = 6379
 class _Backend:
     client: RedisClient
     also_close: Sequence[Closable] = field(default_factory=tuple)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` option) replaced by ***."""
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        netloc, slash, tail = rest.partition("/")
-        userinfo, at, hosts = netloc.rpartition("@")
-        if at:
-            user, colon, _ = userinfo.partition(":")
-            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-        url = f"{scheme}://{netloc}{slash}{tail}"
-    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 def _client_options(timeout: float) -> dict[str, Any]:
