@@ -57,7 +57,7 @@ from guard.perimeter import Perimeter
 from guard.policy import PolicyResult, evaluate, parse_source_ip
 from guard.rating import is_emergency_number
 from guard.schedule import tenant_day
-from guard.shadow import enforced_in_shadow, in_shadow
+from guard.shadow import enforced_in_shadow, in_shadow, let_go
 from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
 
 log = logging.getLogger("guard.engine")
@@ -391,15 +391,8 @@ class Engine:
             return self._shadow_refused(
                 attempt, reservation.reason, number, policy, tenant, **locked_now
             )
-        return Decision(
-            Result.ALLOW,
-            Reason.ALLOWED,
-            tenant.max_call_seconds,
-            attempt.call_id,
-            number=number,
-            destination=rate,
-            detail="shadow",
-        )
+        allowed = Decision(Result.ALLOW, Reason.ALLOWED, 0, attempt.call_id, number, rate)
+        return let_go(allowed, tenant)
 
     def _shadow_refused(
         self,
@@ -432,15 +425,7 @@ class Engine:
                 },
             )
         )
-        return Decision(
-            Result.ALLOW,
-            Reason.SHADOW,
-            tenant.max_call_seconds,
-            attempt.call_id,
-            number=number,
-            destination=rate,
-            detail=reason.value,
-        )
+        return let_go(Decision(Result.DENY, reason, 0, attempt.call_id, number, rate), tenant)
 
     def _refuse(
         self,
@@ -646,13 +631,20 @@ class Engine:
     async def settle(self, tenant: str, call_id: str, billsec: int) -> SettleResult:
         """Charge the real cost of a finished call, exactly once (see the ledger).
 
-        A call the shadow counters hold (open, settled or swept) is settled there, silently:
-        only its would-be spend changes. Any other call is settled in the live counters.
+        A call the live counters reserved is settled there (one round trip). Else, a call the
+        shadow counters hold (open, settled or swept) is settled there, silently: only its
+        would-be spend changes. A call neither knows is recorded as unknown in the live ones.
         """
-        shadow = self.shadow_ledger
-        if shadow is not None and await shadow.holds(tenant, call_id):
-            return await shadow.settle(tenant, call_id, max(0, billsec), self.clock())
-        result = await self.ledger.settle(tenant, call_id, max(0, billsec), self.clock())
+        billsec, now, shadow = max(0, billsec), self.clock(), self.shadow_ledger
+        if shadow is None:
+            result = await self.ledger.settle(tenant, call_id, billsec, now)
+        else:
+            result = await self.ledger.settle(tenant, call_id, billsec, now, probe=True)
+            if result.outcome is SettleOutcome.UNKNOWN_CALL:
+                shadowed = await shadow.settle(tenant, call_id, billsec, now, probe=True)
+                if shadowed.outcome is not SettleOutcome.UNKNOWN_CALL:
+                    return shadowed
+                result = await self.ledger.settle(tenant, call_id, billsec, now)
         detail: dict[str, object] = {"billsec": billsec, "cost": result.cost}
         if result.outcome is SettleOutcome.UNKNOWN_CALL:
             self.events.emit(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -30,7 +29,7 @@ from guard.feed import EventFeed, TenantZone
 from guard.ledger.redis_ledger import RedisLedger
 from guard.ledger.types import Reservation, ReserveRequest, SettleResult, SweptCall
 from guard.logs import log_fields
-from guard.schedule import zone
+from guard.schedule import local_hour
 from guard.settings import Listen
 
 log = logging.getLogger("guard.metrics")
@@ -190,7 +189,7 @@ class MeteredLedger:
 
     def _local_hour(self, tenant: str, now: float) -> str | None:
         tz = self._tenant_zone(tenant)
-        return None if tz is None else datetime.fromtimestamp(now, zone(tz)).strftime("%Y%m%d%H")
+        return None if tz is None else local_hour(tz, now)
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         try:
@@ -199,10 +198,12 @@ class MeteredLedger:
             self._failed("reserve")
             raise
 
-    async def settle(self, tenant: str, call_id: str, billsec: int, now: float) -> SettleResult:
+    async def settle(
+        self, tenant: str, call_id: str, billsec: int, now: float, *, probe: bool = False
+    ) -> SettleResult:
         try:
             return await self.inner.settle(
-                tenant, call_id, billsec, now, local_hour=self._local_hour(tenant, now)
+                tenant, call_id, billsec, now, local_hour=self._local_hour(tenant, now), probe=probe
             )
         except StorageError:
             self._failed("settle")

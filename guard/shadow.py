@@ -25,9 +25,10 @@ get its own PBX blocked). Pure: no I/O here; the engine does the rest.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Final
 
-from guard.domain import Reason
+from guard.domain import Decision, Reason, Result
 from guard.snapshot import ExtensionConfig, TenantConfig
 
 #: Appended to the live key prefix for the shadow counters (``guard`` → ``guard-shadow``).
@@ -63,4 +64,19 @@ def enforced_in_shadow(reason: Reason, tenant: TenantConfig) -> bool:
     """Whether a refusal for ``reason`` stands although the call is in shadow mode."""
     return reason in ALWAYS_ENFORCED or (
         tenant.shadow_enforce_perimeter and reason in PERIMETER_REASONS
+    )
+
+
+def let_go(decision: Decision, tenant: TenantConfig) -> Decision:
+    """What a call in shadow mode gets instead of ``decision`` (the engine's, and ``guard
+    check``'s preview of it): it goes out for the tenant's longest call; an allowed one is marked
+    ``detail="shadow"``, a would-be refusal becomes ``Reason.SHADOW`` with the reason as detail."""
+    if decision.reason is Reason.ALLOWED:
+        return dataclasses.replace(decision, max_seconds=tenant.max_call_seconds, detail="shadow")
+    return dataclasses.replace(
+        decision,
+        result=Result.ALLOW,
+        reason=Reason.SHADOW,
+        max_seconds=tenant.max_call_seconds,
+        detail=decision.reason.value,
     )

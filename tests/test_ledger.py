@@ -353,6 +353,25 @@ async def test_settle_of_an_unknown_call_is_recorded_once(
     ]
 
 
+async def test_a_probing_settle_of_an_unknown_call_records_nothing(
+    ledger: RedisLedger, sync_redis: redis.Redis, key_prefix: str
+) -> None:
+    probed = await ledger.settle("acme", "elsewhere", 42, NOW, probe=True)
+    assert probed.outcome is SettleOutcome.UNKNOWN_CALL
+    assert sync_redis.llen(f"{tenant_base(key_prefix, 'acme')}:orphans") == 0
+    assert (await ledger.reserve(request(call_id="elsewhere"))).allowed  # no marker left
+
+    # An orphan recorded earlier still probes as unknown; a known call settles as usual.
+    await ledger.settle("acme", "ghost", 1, NOW)
+    assert (await ledger.settle("acme", "ghost", 1, NOW, probe=True)).outcome is (
+        SettleOutcome.UNKNOWN_CALL
+    )
+    settled = await ledger.settle("acme", "elsewhere", 60, NOW + 60, probe=True)
+    assert (settled.outcome, settled.cost) == (SettleOutcome.SETTLED, call_cost(RATE, 60))
+    again = await ledger.settle("acme", "elsewhere", 60, NOW + 61, probe=True)
+    assert again.outcome is SettleOutcome.ALREADY_SETTLED
+
+
 # --- sweep ---------------------------------------------------------------------------------------
 
 

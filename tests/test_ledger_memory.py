@@ -13,9 +13,11 @@ from ledger_support import DAY, NOW, RATE, request
 
 from guard.domain import Reason, UaLockMode
 from guard.ledger import RedisLedger, ledger_from_url
-from guard.ledger.storage import MEMORY_WARNING
+from guard.ledger.storage import MEMORY_WARNING, warn_memory_store
 from guard.ledger.types import SettleOutcome
 from guard.money import call_cost, max_affordable_seconds
+from guard.service import shadow_ledger_for
+from guard.settings import load_settings
 
 
 @pytest.fixture
@@ -27,12 +29,26 @@ async def memory() -> AsyncIterator[RedisLedger]:
 def test_memory_store_warns_that_it_is_neither_shared_nor_durable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    warn_memory_store.cache_clear()  # another test of this process may have built one already
     with caplog.at_level(logging.WARNING, logger="guard.ledger"):
         ledger_from_url("memory://")
 
     assert [r.getMessage() for r in caplog.records] == [MEMORY_WARNING]
     assert "NOT shared between processes" in MEMORY_WARNING
     assert "NOT durable" in MEMORY_WARNING
+
+
+def test_memory_store_warns_once_per_process_however_many_ledgers_it_builds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    warn_memory_store.cache_clear()
+    settings = load_settings({}, redis_url="memory://", redis_prefix="mem-once")
+    with caplog.at_level(logging.WARNING, logger="guard.ledger"):
+        ledger_from_url("memory://", prefix="mem-live")
+        shadow_ledger_for(settings)  # the shadow counters, as ``guard serve`` builds them
+        ledger_from_url("memory://", prefix="mem-other")
+
+    assert [r.getMessage() for r in caplog.records] == [MEMORY_WARNING]
 
 
 async def test_memory_store_runs_the_whole_call_lifecycle(memory: RedisLedger) -> None:

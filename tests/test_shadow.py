@@ -166,6 +166,27 @@ async def test_settle_is_exactly_once_in_whichever_ledger_holds_the_call(
     assert _kinds(events) == [(EventKind.ORPHAN_SETTLE, "unknown_call")]
 
 
+async def test_a_call_settles_in_the_shadow_counters_after_its_tenant_left_shadow_mode(
+    live: RedisLedger, shadow: RedisLedger
+) -> None:
+    in_shadow_mode = make_snapshot(extensions=[make_extension("1001", shadow=True)])
+    engine, events, _ = _engine(live, shadow, in_shadow_mode)
+    assert (await engine.authorize(make_attempt(number=LONDON, call_id="s1"))).allowed
+    engine.snapshots.current = make_snapshot(extensions=[make_extension("1001")])
+
+    settled = await engine.settle(ACME, "s1", 60)
+    assert settled.outcome is SettleOutcome.SETTLED
+    assert (await engine.settle(ACME, "s1", 60)).outcome is SettleOutcome.ALREADY_SETTLED
+    assert events == []  # neither an orphan in the live counters nor a second charge
+    assert (await shadow.counters(ACME, DAY)).total.spent == money("0.01")
+    assert (await live.counters(ACME, DAY)).total.spent == 0
+    repeat = await engine.settle(ACME, "never-authorized", 5)
+    assert repeat.outcome is SettleOutcome.UNKNOWN_CALL
+    again = await engine.settle(ACME, "never-authorized", 5)
+    assert again.outcome is SettleOutcome.ALREADY_SETTLED
+    assert _kinds(events) == [(EventKind.ORPHAN_SETTLE, "unknown_call")]
+
+
 async def test_one_extension_in_shadow_leaves_the_others_enforced(
     live: RedisLedger, shadow: RedisLedger
 ) -> None:

@@ -6,10 +6,12 @@ one round trip, so limits hold however many guards run at once, and it touches o
 (see ``guard.ledger.keys``). The same class serves a plain Redis, Sentinel, Cluster and the
 in-process ``memory://`` store: ``guard.ledger.storage.ledger_from_url`` picks the client.
 
-Every operation is bounded by ``timeout`` (connect, send and answer together) and raises
-``StorageError`` on any failure or timeout: the engine turns it into ``store_unavailable``. The
-client does not retry (a retried script could run twice), and a broken connection is replaced
-when it is next taken from the pool, so the ledger recovers by itself once Redis is back.
+Every operation is bounded by ``timeout`` (connect, send and answer together; a settle by at
+least ``SETTLE_TIMEOUT``) and raises ``StorageError`` on any failure or timeout: the engine turns
+it into ``store_unavailable``. The client does not retry (a retried script could run twice), and
+a broken connection is replaced when it is next used, so the ledger recovers by itself once Redis
+is back. On a plain ``redis://`` the scripts run on one multiplexed connection
+(``guard.ledger.multiplex``), everything else on redis-py's pool.
 It never decides policy: limits and modes arrive in the request, reasons leave in the answer.
 """
 
@@ -34,6 +36,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from guard.domain import Reason, UaLockMode
 from guard.errors import StorageError, ValidationError
 from guard.ledger import keys
+from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.types import (
     BlockRule,
     ExtensionState,
@@ -70,6 +73,9 @@ MAX_WINDOW_MINUTES = 60
 MAX_BLOCK_SECONDS = 365 * 86_400
 #: Bound of bulk perimeter reads and writes (threat lists), which never run on the hot path.
 BULK_TIMEOUT = 10.0
+#: Least bound of a settle: the call has ended and no caller waits for it, while a settle that
+#: gives up leaves the sweeper to charge the whole reservation.
+SETTLE_TIMEOUT = 1.0
 #: Life of a threat list's staging set if its import dies before publishing it.
 STAGING_TTL = 3600
 
@@ -160,13 +166,16 @@ class RedisLedger:
         timeout: float = DEFAULT_TIMEOUT,
         url: str = "redis",
         also_close: Sequence[Closable] = (),
+        scripts: MultiplexedConnection | None = None,
     ) -> None:
         """Wrap ``client``, which must decode responses (``decode_responses=True``).
 
         ``url`` (already masked) names the store in error messages; ``also_close`` lists what
-        ``close`` must release besides the client.
+        ``close`` must release besides the client. ``scripts``, a multiplexed connection to the
+        same Redis, runs the Lua scripts (the hot path) instead of ``client``.
         """
         self._client = client
+        self._scripts = scripts
         self._prefix = keys.check_prefix(prefix)
         self._timeout = timeout
         self._url = url
@@ -205,10 +214,13 @@ class RedisLedger:
     ) -> None:
         await self.close()
 
-    async def _guarded(self, what: str, operation: Awaitable[_T], *, bulk: bool = False) -> _T:
+    async def _guarded(
+        self, what: str, operation: Awaitable[_T], *, bulk: bool = False, bound: float = 0.0
+    ) -> _T:
         """Await ``operation`` within the timeout (``BULK_TIMEOUT`` for a ``bulk`` operation,
-        never on the hot path); any failure becomes ``StorageError``."""
-        bound = max(BULK_TIMEOUT, self._timeout) if bulk else self._timeout
+        never on the hot path; at least ``bound`` if given); any failure becomes
+        ``StorageError``."""
+        bound = max(BULK_TIMEOUT if bulk else bound, self._timeout)
         try:
             async with asyncio.timeout(bound):
                 return await operation
@@ -222,11 +234,27 @@ class RedisLedger:
             ) from exc
 
     async def _run(
-        self, script: AsyncScript, what: str, script_keys: list[str], args: list[str | int]
+        self,
+        script: AsyncScript,
+        what: str,
+        script_keys: list[str],
+        args: list[str | int],
+        *,
+        bound: float = 0.0,
     ) -> Any:
-        # redis-py answers NOSCRIPT (after SCRIPT FLUSH, a restart or a failover) by loading the
-        # script and running it again, on every primary of a Cluster too.
-        return await self._guarded(what, script(keys=script_keys, args=args))
+        return await self._guarded(what, self._call(script, script_keys, args), bound=bound)
+
+    def _call(
+        self, script: AsyncScript, script_keys: list[str], args: list[str | int]
+    ) -> Awaitable[Any]:
+        """One run of ``script``: on the multiplexed connection if there is one, else redis-py.
+        Both answer NOSCRIPT (after SCRIPT FLUSH, a restart or a failover) by running the
+        script's source, which caches it again (redis-py on every primary of a Cluster too)."""
+        if self._scripts is None:
+            return script(keys=script_keys, args=args)
+        source = script.script
+        text = source if isinstance(source, str) else bytes(source).decode("utf-8")
+        return self._scripts.evalsha(script.sha, text, script_keys, args)
 
     def _base(self, tenant: str) -> str:
         if not tenant:
@@ -295,7 +323,14 @@ class RedisLedger:
         )
 
     async def settle(
-        self, tenant: str, call_id: str, billsec: int, now: float, *, local_hour: str | None = None
+        self,
+        tenant: str,
+        call_id: str,
+        billsec: int,
+        now: float,
+        *,
+        local_hour: str | None = None,
+        probe: bool = False,
     ) -> SettleResult:
         """Turn the call's reservation into spend at its real cost, exactly once.
 
@@ -306,6 +341,9 @@ class RedisLedger:
         list (``UNKNOWN_CALL``, once); a call the sweeper charged in full is corrected to the real
         cost (``SETTLED_AFTER_SWEEP``, ``reserved`` is what had been charged).
         The cost also lands in the hourly spend bucket of ``local_hour`` (see ``hourly_spend``).
+        With ``probe``, a call this ledger never reserved (or only recorded as unknown) answers
+        ``UNKNOWN_CALL`` and is not recorded: the engine asks the live ledger, then the shadow
+        one, in one round trip for a live call. It waits at least ``SETTLE_TIMEOUT``.
         """
         if not call_id:
             raise ValidationError("call_id", "must not be empty")
@@ -314,7 +352,14 @@ class RedisLedger:
             self._settle,
             "settle",
             [self._base(tenant)],
-            [call_id, clamped, _epoch_ms("now", now), _local_hour(local_hour, now)],
+            [
+                call_id,
+                clamped,
+                _epoch_ms("now", now),
+                _local_hour(local_hour, now),
+                "1" if probe else "0",
+            ],
+            bound=SETTLE_TIMEOUT,
         )
         return SettleResult(
             outcome=SettleOutcome(outcome),
@@ -410,19 +455,6 @@ class RedisLedger:
                 )
             )
         return sorted(calls, key=lambda call: (call.started, call.call_id))
-
-    async def holds(self, tenant: str, call_id: str) -> bool:
-        """Whether ``call_id`` reserved in this ledger: open, settled or swept.
-
-        The marker an unknown call's settle leaves does not count. Read-only; tells the engine
-        which of two ledgers (live or shadow) a call's settle belongs to.
-        """
-        base = self._base(tenant)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hexists(f"{base}:calls", call_id)
-        pipe.get(f"{base}:settled:{call_id}")
-        is_open, marker = await self._guarded("look up call", pipe.execute())
-        return bool(is_open) or (marker is not None and json.loads(marker).get("state") != "orphan")
 
     # --- interval reservations (scripts/extend.lua) -------------------------------------------
 
@@ -580,10 +612,10 @@ class RedisLedger:
                 _bounded("block_seconds", block.seconds, 1, MAX_BLOCK_SECONDS) * 1000,
                 "1" if block.immediate else "0",
             ]
-        scripts = [self._refusal(keys=ip_keys, args=ip_args)]
+        scripts = [self._call(self._refusal, ip_keys, ip_args)]
         if tenant:
             ext_key = keys.extension_refusals_key(self._base(tenant), extension)
-            scripts.append(self._refusal(keys=[ext_key], args=[at, str(reason), window]))
+            scripts.append(self._call(self._refusal, [ext_key], [at, str(reason), window]))
         replies = await self._guarded("record refusal", asyncio.gather(*scripts))
         total, same, blocked_now, packed = replies[0]
         return RefusalCounts(
@@ -781,6 +813,8 @@ class RedisLedger:
 
     async def close(self) -> None:
         """Release the connections."""
+        if self._scripts is not None:
+            await self._scripts.aclose()
         await self._client.aclose()
         for other in self._also_close:
             await other.aclose()

@@ -12,7 +12,7 @@
   these startup nodes.
 - ``memory://``: an in-process fake Redis (fakeredis with Lua), shared by every ledger of the
   process. For a first run and for tests only: counters are neither shared between processes nor
-  durable, which is logged loudly.
+  durable, which is logged loudly (once per process).
 
 A URL this module cannot use raises ``ConfigurationError`` naming it, password masked. Building a
 ledger does no I/O: the first operation connects.
@@ -20,6 +20,7 @@ ledger does no I/O: the first operation connects.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -39,6 +40,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from guard.errors import ConfigurationError
 from guard.ledger.keys import check_prefix
+from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, Closable, RedisClient, RedisLedger
 from guard.settings import mask_url
 
@@ -61,6 +63,8 @@ _REDIS_PORT = 6379
 class _Backend:
     client: RedisClient
     also_close: Sequence[Closable] = field(default_factory=tuple)
+    #: Runs the Lua scripts on one multiplexed connection (plain ``redis://`` only).
+    scripts: MultiplexedConnection | None = None
 
 
 def _client_options(timeout: float) -> dict[str, Any]:
@@ -103,6 +107,11 @@ def _redis(url: str, timeout: float) -> _Backend:
     return _Backend(Redis.from_url(url, **_client_options(timeout)))
 
 
+def _redis_multiplexed(url: str, timeout: float) -> _Backend:
+    """``_redis``, with the scripts on a multiplexed connection (plain TCP only)."""
+    return dataclasses.replace(_redis(url, timeout), scripts=MultiplexedConnection.from_url(url))
+
+
 def _sentinel(url: str, timeout: float) -> _Backend:
     username, password, hosts, path = _split_netloc(url.partition("://")[2], _SENTINEL_PORT)
     service, _, db = path.strip("/").partition("/")
@@ -134,17 +143,24 @@ def _memory_server() -> FakeServer:
     return FakeServer(version=(7,))
 
 
+@functools.cache
+def warn_memory_store() -> None:
+    """Log ``MEMORY_WARNING`` once per process, however many ``memory://`` ledgers it builds
+    (``guard serve`` builds the live and the shadow counters). ``cache_clear()`` re-arms it."""
+    logger.warning(MEMORY_WARNING)
+
+
 def _memory(url: str, timeout: float) -> _Backend:
     if url.partition("://")[2].strip("/"):
         raise ValueError("memory:// takes no host, path or options")
-    logger.warning(MEMORY_WARNING)
+    warn_memory_store()
     options = _client_options(timeout)
     return _Backend(FakeRedis(server=_memory_server(), **options))
 
 
 #: URL scheme -> factory of the client that serves it.
 BACKENDS: dict[str, Callable[[str, float], _Backend]] = {
-    "redis": _redis,
+    "redis": _redis_multiplexed,
     "rediss": _redis,
     "redis+sentinel": _sentinel,
     "redis+cluster": _cluster,
@@ -181,6 +197,7 @@ def ledger_from_url(
         timeout=timeout,
         url=masked,
         also_close=backend.also_close,
+        scripts=backend.scripts,
     )
 
 

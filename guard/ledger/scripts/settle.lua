@@ -1,16 +1,21 @@
 -- Settle one call exactly once (RedisLedger.settle).
 --
 -- KEYS[1] tenant base. ARGV: call_id, billsec (already clamped), now_ms, local_hour (YYYYMMDDHH,
--- the tenant's wall clock: the hourly bucket the spend lands in).
+-- the tenant's wall clock: the hourly bucket the spend lands in), probe ('1': a call this ledger
+-- never reserved, or only recorded as unknown, answers unknown_call and records nothing).
 -- Returns {outcome, ext, cost, reserved, over_reservation (0/1)}.
 
 local base = KEYS[1]
 local call_id, billsec, now_ms, local_hour = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local probe = ARGV[5] == '1'
 local marker_key = base .. ':settled:' .. call_id
 
 local marker = redis.call('GET', marker_key)
 if marker then
     local m = cjson.decode(marker)
+    if probe and m.state == 'orphan' then
+        return { 'unknown_call', '', 0, 0, 0 }
+    end
     if m.state ~= 'swept' then
         return { 'already_settled', m.ext, tonumber(m.cost), tonumber(m.reserved), 0 }
     end
@@ -34,6 +39,9 @@ if packed then
     return { 'settled', r.ext, cost, reserved, cost > reserved and 1 or 0 }
 end
 
+if probe then
+    return { 'unknown_call', '', 0, 0, 0 }
+end
 -- Unknown call: record it (once) for the engine's event; a repeat is already settled.
 mark_closed(base, call_id, 'orphan', { ext = '', day = '', reserved = '0' }, 0, now_ms)
 local orphans_key = base .. ':orphans'
