@@ -86,10 +86,13 @@ class Event:
 
 
 class EventSink(Protocol):
-    def __call__(self, event: Event) -> None: ...
+    def __call__(self, event: Event, /) -> None: ...
 
 
 AuditBatchWriter = Callable[[list[Event]], None]
+#: Seconds a background writer (audit table, event feed) waits after a first event for more, so
+#: that a burst costs one write, not one per event; what is pending is flushed on shutdown.
+BATCH_LINGER = 0.2
 
 
 class EventBus:
@@ -132,13 +135,19 @@ class EventBus:
         batch_size: int = 500,
         retry_delay: float = 1.0,
         max_retry_delay: float = 30.0,
+        linger: float = BATCH_LINGER,
     ) -> None:
-        """Write queued events to the audit table until cancelled; retries while SQL is down."""
+        """Write queued events to the audit table until cancelled; retries while SQL is down.
+
+        After the first event of a batch it waits ``linger`` seconds for more: under a flood of
+        refusals one transaction then carries many rows instead of one each.
+        """
         delay = retry_delay
         while True:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                await asyncio.sleep(linger)
             batch = [self._pending[i] for i in range(min(batch_size, len(self._pending)))]
             try:
                 await asyncio.to_thread(write_batch, batch)

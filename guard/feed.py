@@ -47,7 +47,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from guard.aio import honour_cancellation
 from guard.domain import Reason
 from guard.errors import StorageError
-from guard.events import Event, EventKind, safe_ip
+from guard.events import BATCH_LINGER, Event, EventKind, safe_ip
 from guard.ledger import keys
 from guard.ledger.redis_ledger import RedisClient
 from guard.logs import log_fields
@@ -206,14 +206,22 @@ class EventFeed:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def run(self, *, retry_delay: float = 0.5, max_retry_delay: float = 30.0) -> None:
-        """Write queued events until cancelled; a failed batch stays queued and is retried."""
+    async def run(
+        self,
+        *,
+        retry_delay: float = 0.5,
+        max_retry_delay: float = 30.0,
+        linger: float = BATCH_LINGER,
+    ) -> None:
+        """Write queued events until cancelled; a failed batch stays queued and is retried.
+        A batch waits ``linger`` seconds after its first event for more (one pipeline each)."""
         delay = retry_delay
         while True:
             honour_cancellation()
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                await asyncio.sleep(linger)
             batch = [self._pending[i] for i in range(min(self._batch_size, len(self._pending)))]
             try:
                 await self.write(batch)

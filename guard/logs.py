@@ -11,12 +11,13 @@ format each line is one JSON object (``ensure_ascii``), which is safe by constru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 #: Characters allowed unquoted in a ``key=value`` value.
@@ -103,13 +104,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=True, default=str, separators=(",", ":"))
 
 
-def setup_logging(fmt: str = "text", level: str = "info") -> None:
-    """Configure the root logger once: one handler on stderr with the chosen formatter."""
+def _stderr_handler(fmt: str) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    return handler
+
+
+def setup_logging(fmt: str = "text", level: str = "info") -> None:
+    """Configure the root logger once: one handler on stderr with the chosen formatter."""
     root = logging.getLogger()
+    root.handlers[:] = [_stderr_handler(fmt)]
+    root.setLevel(level.upper())
+
+
+@contextlib.contextmanager
+def logging_to_stderr(fmt: str = "text", level: str = "info") -> Iterator[None]:
+    """``setup_logging`` for the span of a ``with`` block, then the previous handlers and level:
+    for an admin command that writes a line or two of the servers' log (``guard ip block``)."""
+    root = logging.getLogger()
+    handlers, old_level = root.handlers[:], root.level
+    handler = _stderr_handler(fmt)
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        handler.flush()
+        root.handlers[:] = handlers
+        root.setLevel(old_level)
 
 
 def log_fields(**fields: object) -> dict[str, Any]:

@@ -35,10 +35,28 @@ def local_time(tz_name: str, now_utc: datetime) -> datetime:
     return now_utc.astimezone(zone(tz_name))
 
 
+#: Seconds in a quarter hour: every UTC offset in use is a whole number of them, so the local
+#: day and hour never change inside one (checked against zoneinfo in tests/test_schedule.py).
+_QUARTER = 900
+
+
+@lru_cache(maxsize=8192)
+def _local_day_hour(tz_name: str, quarter: int) -> str:
+    """``YYYYMMDDHH`` in ``tz_name`` during quarter hour ``quarter`` (epoch seconds // 900)."""
+    return datetime.fromtimestamp(quarter * _QUARTER, zone(tz_name)).strftime("%Y%m%d%H")
+
+
 def tenant_day(tz_name: str, now_epoch: float) -> str:
-    """The calendar day (``YYYYMMDD``) in ``tz_name`` at epoch second ``now_epoch``."""
-    day = datetime.fromtimestamp(now_epoch, zone(tz_name))
-    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+    """The calendar day (``YYYYMMDD``) in ``tz_name`` at epoch second ``now_epoch``.
+
+    Asked on every call: cached per zone and quarter hour, a lookup instead of a conversion."""
+    return _local_day_hour(tz_name, int(now_epoch // _QUARTER))[:8]
+
+
+def local_hour(tz_name: str, now_epoch: float) -> str:
+    """The hour (``YYYYMMDDHH``) in ``tz_name`` at epoch second ``now_epoch`` (cached as
+    ``tenant_day``): the hourly spend bucket of a settle."""
+    return _local_day_hour(tz_name, int(now_epoch // _QUARTER))
 
 
 def _in_window(window: WeeklyWindow, weekday: int, minute: int) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from guard.errors import ConfigurationError
-from guard.schedule import local_time, tenant_day, within_windows
+from guard.schedule import local_hour, local_time, tenant_day, within_windows
 from guard.snapshot import WeeklyWindow
 
 MON, TUE, WED, THU, FRI, SAT, SUN = range(7)
@@ -198,3 +199,16 @@ def test_tenant_day_is_the_calendar_day_in_the_tenant_zone(tz: str, now: float, 
 def test_tenant_day_agrees_with_local_time(epoch: int, tz: str) -> None:
     now = datetime.fromtimestamp(epoch, UTC)
     assert tenant_day(tz, epoch) == local_time(tz, now).strftime("%Y%m%d")
+
+
+@pytest.mark.parametrize(
+    "tz", ["UTC", "Europe/London", "Asia/Kathmandu", "Australia/Lord_Howe", "America/St_Johns"]
+)
+def test_the_cached_day_and_hour_match_the_time_zone_conversion(tz: str) -> None:
+    """They are cached per quarter hour: odd offsets (+05:45, -03:30) and half-hour DST shifts,
+    every 37 minutes over a year, and the instant just before each quarter-hour boundary."""
+    start = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
+    for step in range(0, 366 * 86_400, 37 * 60):
+        for now in (start + step, start + step - step % 900 - 0.001):
+            expected = datetime.fromtimestamp(now, ZoneInfo(tz)).strftime("%Y%m%d%H")
+            assert (tenant_day(tz, now), local_hour(tz, now)) == (expected[:8], expected), now
