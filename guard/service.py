@@ -43,6 +43,7 @@ from guard.perimeter import Perimeter, PerimeterSettings
 from guard.perimeter.geoip import open_geoip
 from guard.settings import Settings
 from guard.shadow import shadow_prefix
+from guard.snapshot import Snapshot
 
 log = logging.getLogger("guard.service")
 
@@ -84,6 +85,10 @@ class Services:
         except StorageError:
             return await asyncio.to_thread(read_version, self.sql)
 
+    def rebuild_snapshot(self) -> Snapshot:
+        """A new snapshot, sharing the serving one's rate decks that did not change."""
+        return build_snapshot(self.sql, previous=self.snapshots.current)
+
     async def reload_forever(self) -> None:
         polls = 0
         while True:
@@ -94,7 +99,7 @@ class Services:
             async def version(ask: bool = ask_sql) -> int:
                 return await self.config_version(ask_sql=ask)
 
-            await self.snapshots.reload_if_changed(lambda: build_snapshot(self.sql), version)
+            await self.snapshots.reload_if_changed(self.rebuild_snapshot, version)
             honour_cancellation()
 
     async def close(self) -> None:

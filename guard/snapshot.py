@@ -1,15 +1,17 @@
 """The immutable in-memory configuration the hot path reads: tenants, extensions, rates, rules.
 
 Built from SQL by ``guard.config.loader`` and swapped atomically when the configuration version
-changes. Nothing here does I/O; every collection is read-only after construction, so the engine
+changes. Nothing here does I/O; every collection is read-only after construction (a rate deck
+only swaps a stored row for its equal ``Rate`` the first time a lookup finds it), so the engine
 can share one snapshot between all concurrent calls without locks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Network, IPv6Network
+from typing import cast
 
 from guard.domain import CountryMode, DestinationClass, FailMode, Rate, ReservationMode, UaLockMode
 
@@ -68,14 +70,65 @@ class DestinationRule:
     max_rate: int | None = None
 
 
-class PrefixTable:
-    """Rate deck keyed by prefix; longest-prefix lookup is O(number of digits) dict probes."""
+#: A rate-deck row as the loader stores it: the fields of its ``Rate`` after the prefix, with the
+#: destination class as its value (``DestinationClass.value``). A plain tuple of strings and
+#: integers: built in C, a million at a time, and no longer tracked by the garbage collector
+#: once a collection has seen it.
+StoredRate = tuple[str, str, int, int, int, int]
+_STORED_RATE_FIELDS = (
+    "name",
+    "dest_class",
+    "rate_per_minute",
+    "connect_fee",
+    "initial_increment",
+    "subsequent_increment",
+)
+if tuple(f.name for f in fields(Rate)) != ("prefix", *_STORED_RATE_FIELDS):
+    raise ImportError("guard.domain.Rate changed: update StoredRate and PrefixTable")
+_CLASSES = {member.value: member for member in DestinationClass}
 
-    __slots__ = ("_longest", "_rates")
+
+class PrefixTable:
+    """Rate deck keyed by prefix; longest-prefix lookup is O(number of digits) dict probes.
+
+    A deck loaded from SQL (``from_rows``) keeps each prefix as a ``StoredRate`` until a lookup
+    first finds it: that lookup makes its ``Rate`` and keeps it in the row's place, so every
+    later lookup returns that same object. Building a million ``Rate`` objects up front would
+    be the largest cost of a snapshot build, for rows most of which no call ever uses. The swap
+    is a plain dict store on an existing key: safe for concurrent readers, which see either the
+    row or the equal ``Rate``, and for snapshots sharing the table.
+
+    ``source`` names the SQL deck the rows came from, ``(deck id, stamp)``: the loader gives the
+    next snapshot this same table while the deck keeps its stamp (``RateDeck.stamp``).
+    """
+
+    __slots__ = ("_longest", "_rates", "_source")
 
     def __init__(self, rates: Mapping[str, Rate] | None = None) -> None:
-        self._rates: dict[str, Rate] = dict(rates or {})
-        self._longest = max((len(p) for p in self._rates), default=0)
+        self._rates: dict[str, Rate | StoredRate] = dict(rates or {})
+        self._longest = max(map(len, self._rates), default=0)
+        self._source: tuple[int, str] | None = None
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: dict[str, StoredRate],
+        longest: int | None = None,
+        source: tuple[int, str] | None = None,
+    ) -> PrefixTable:
+        """A table over ``rows`` (prefix → ``StoredRate``) itself, not a copy: the caller hands
+        the dict over and must not keep or change it. Class values must be valid. ``longest``,
+        the length of the longest prefix, spares a pass over every prefix when the caller
+        counted it already."""
+        table = cls.__new__(cls)
+        table._rates = cast("dict[str, Rate | StoredRate]", rows)
+        table._longest = max(map(len, rows), default=0) if longest is None else longest
+        table._source = source
+        return table
+
+    @property
+    def source(self) -> tuple[int, str] | None:
+        return self._source
 
     def __len__(self) -> int:
         return len(self._rates)
@@ -84,13 +137,24 @@ class PrefixTable:
         """The rate of the longest prefix of ``number``, or ``None``."""
         rates = self._rates
         for length in range(min(len(number), self._longest), 0, -1):
-            rate = rates.get(number[:length])
-            if rate is not None:
-                return rate
+            prefix = number[:length]
+            found = rates.get(prefix)
+            if found is not None:
+                if isinstance(found, tuple):
+                    found = rates[prefix] = _rate(prefix, found)
+                return found
         return None
 
     def items(self) -> list[tuple[str, Rate]]:
-        return sorted(self._rates.items())
+        return sorted(
+            (prefix, _rate(prefix, found) if isinstance(found, tuple) else found)
+            for prefix, found in self._rates.items()
+        )
+
+
+def _rate(prefix: str, row: StoredRate) -> Rate:
+    name, dest_class, per_minute, fee, initial, subsequent = row
+    return Rate(prefix, name, _CLASSES[dest_class], per_minute, fee, initial, subsequent)
 
 
 @dataclass(frozen=True, slots=True)

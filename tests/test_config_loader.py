@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import time
 from collections.abc import Iterator
 from ipaddress import ip_network
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -13,12 +16,13 @@ from sqlalchemy.engine import Engine
 from guard.config import db, loader
 from guard.config import repository as repo
 from guard.config.models import Base
-from guard.domain import DestinationClass, FailMode, Rate, UaLockMode
+from guard.domain import CountryMode, DestinationClass, FailMode, Rate, UaLockMode
 from guard.errors import ConfigStoreError
 from guard.snapshot import (
     DEFAULT_EMERGENCY_NUMBERS,
     DEFAULT_SCANNER_PATTERNS,
     DestinationRule,
+    ExtensionConfig,
     WeeklyWindow,
 )
 
@@ -226,3 +230,136 @@ def test_unreachable_store_raises_config_store_error() -> None:
     with pytest.raises(ConfigStoreError) as caught:
         loader.build_snapshot(engine)
     assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+
+
+def test_a_driver_error_while_streaming_is_a_config_store_error(engine: Engine) -> None:
+    """Big tables are read on the driver's own cursor; its errors still leave as
+    ``ConfigStoreError`` with the usual diagnosis."""
+    repo.import_rates(engine, [_rate("44", 5, DestinationClass.NATIONAL)], actor=ACTOR)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE rates"))
+    with pytest.raises(ConfigStoreError, match="no Guard schema"):
+        loader.build_snapshot(engine)
+
+
+def test_the_build_leaves_the_collector_on_with_its_objects_in_the_oldest_generation(
+    engine: Engine,
+) -> None:
+    repo.import_rates(
+        engine,
+        [_rate(str(100 + i), 5, DestinationClass.NATIONAL) for i in range(2_000)],
+        actor=ACTOR,
+    )
+    assert gc.isenabled()
+    snapshot = loader.build_snapshot(engine)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.get_count()[0] < 1_000  # not the build's thousands of new objects
+    assert len(snapshot.global_rates) == 2_000
+    gc.freeze()  # a process that froze objects itself keeps them frozen
+    try:
+        frozen = gc.get_freeze_count()
+        loader.build_snapshot(engine)
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
+    gc.disable()  # and a process that turned the collector off keeps it off
+    try:
+        loader.build_snapshot(engine)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_slot_constructor_builds_the_same_objects_as_the_dataclass() -> None:
+    fields: dict[str, Any] = {
+        "tenant": "acme",
+        "name": "100",
+        "profile": "domestic",
+        "allowed_classes": DOMESTIC,
+        "daily_limit": 500,
+        "concurrent_limit": None,
+        "ua_mode": UaLockMode.PIN,
+        "ua_value": "Yealink*",
+        "locked": False,
+        "lock_reason": "",
+        "networks": (ip_network("10.0.0.0/8"),),
+        "windows": (WeeklyWindow(0, 480, 1080),),
+        "country_mode": CountryMode.ALLOW,
+        "countries": frozenset({"FR"}),
+        "shadow": True,
+    }
+    built = loader._slot_constructor(ExtensionConfig)(**fields)
+    assert built == ExtensionConfig(**fields) and type(built) is ExtensionConfig
+    without_shadow = {name: value for name, value in fields.items() if name != "shadow"}
+    with pytest.raises(TypeError, match="shadow"):  # every field is required, none defaulted
+        loader._slot_constructor(ExtensionConfig)(**without_shadow)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        value: int
+
+        def __post_init__(self) -> None:
+            if self.value < 0:
+                raise ValueError("negative")
+
+    with pytest.raises(TypeError, match="__post_init__"):
+        loader._slot_constructor(Checked)
+
+    @dataclasses.dataclass(slots=True)
+    class Mutable:
+        value: int
+
+    with pytest.raises(TypeError, match="frozen, slotted"):
+        loader._slot_constructor(Mutable)
+
+
+def test_a_rebuild_takes_over_the_rate_decks_that_did_not_change(engine: Engine) -> None:
+    national = DestinationClass.NATIONAL
+    repo.add_tenant(engine, "acme", actor=ACTOR)
+    repo.add_tenant(engine, "beta", actor=ACTOR)
+    repo.import_rates(engine, [_rate("44", 5, national), _rate("33", 7, national)], actor=ACTOR)
+    repo.import_rates(engine, [_rate("44", 3, national)], "acme", actor=ACTOR)
+    repo.import_rates(engine, [_rate("49", 4, national)], "beta", actor=ACTOR)
+    first = loader.build_snapshot(engine)
+
+    # Tenants and extensions changed, rates did not: every deck is shared, not read again.
+    repo.set_tenant(engine, "acme", actor=ACTOR, daily_limit=10)
+    repo.add_extension(engine, "beta", "100", actor=ACTOR)
+    second = loader.build_snapshot(engine, previous=first)
+    assert second.tenants["acme"].daily_limit == 10 and ("beta", "100") in second.extensions
+    assert second.global_rates is first.global_rates
+    assert second.tenant_rates["acme"] is first.tenant_rates["acme"]
+    assert second.tenant_rates["beta"] is first.tenant_rates["beta"]
+
+    # An import (merge or replace) makes its deck read again, and only that one.
+    repo.import_rates(engine, [_rate("447", 2, national)], "acme", "merge", actor=ACTOR)
+    third = loader.build_snapshot(engine, previous=second)
+    assert third.tenant_rates["acme"] is not second.tenant_rates["acme"]
+    assert third.global_rates is first.global_rates
+    assert third.tenant_rates["beta"] is first.tenant_rates["beta"]
+    assert third.rate_for("acme", "44712") == _rate("447", 2, national)
+    assert third.rate_for("acme", "44812") == _rate("44", 3, national)
+    repo.import_rates(engine, [_rate("33", 9, national)], actor=ACTOR)
+    fourth = loader.build_snapshot(engine, previous=third)
+    assert fourth.global_rates is not third.global_rates
+    assert fourth.rate_for("beta", "4412") is None
+    assert fourth.rate_for("beta", "3312") == _rate("33", 9, national)
+    assert fourth.tenant_rates["acme"] is third.tenant_rates["acme"]
+
+    # A removed tenant's deck goes with it.
+    repo.remove_tenant(engine, "beta", actor=ACTOR)
+    fifth = loader.build_snapshot(engine, previous=fourth)
+    assert set(fifth.tenant_rates) == {"acme"}
+
+    # A deck without a stamp (written before migration 0005) is read at every build.
+    with engine.begin() as connection:
+        connection.execute(sa.update(Base.metadata.tables["rate_decks"]).values(stamp=None))
+    sixth = loader.build_snapshot(engine, previous=fifth)
+    assert sixth.global_rates is not fifth.global_rates
+    assert sixth.tenant_rates["acme"] is not fifth.tenant_rates["acme"]
+    assert loader.build_snapshot(engine, previous=sixth).global_rates is not sixth.global_rates
+
+    # Whatever was taken over, the result is what a build from nothing reads.
+    cold = loader.build_snapshot(engine)
+    assert fifth.global_rates.items() == cold.global_rates.items()
+    assert fifth.tenant_rates["acme"].items() == cold.tenant_rates["acme"].items()

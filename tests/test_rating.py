@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from factories import demo_rates, make_snapshot, make_tenant, rate
 
-from guard.domain import DestinationClass
+from guard.domain import DestinationClass, Rate
 from guard.errors import ValidationError
 from guard.money import call_cost
 from guard.rating import (
@@ -15,7 +15,7 @@ from guard.rating import (
     normalize_number,
     rate_number,
 )
-from guard.snapshot import TenantConfig
+from guard.snapshot import PrefixTable, StoredRate, TenantConfig
 
 UK = make_tenant()
 FR = make_tenant(name="fr", timezone="Europe/Paris", country_code="33")
@@ -234,3 +234,29 @@ def test_emergency_numbers_get_a_free_synthetic_rate() -> None:
     assert found.dest_class is DestinationClass.EMERGENCY
     assert (found.prefix, found.rate_per_minute, found.connect_fee) == ("999", 0, 0)
     assert call_cost(found, 3600) == 0
+
+
+def test_a_deck_of_rows_gives_the_same_rates_as_a_deck_of_rates() -> None:
+    """``PrefixTable.from_rows`` (what the loader builds) prices exactly like a table of
+    ``Rate`` objects; a row becomes its ``Rate`` on the first lookup, later ones reuse it."""
+    rates = demo_rates()
+    rows: dict[str, StoredRate] = {
+        prefix: (
+            r.name,
+            r.dest_class.value,
+            r.rate_per_minute,
+            r.connect_fee,
+            r.initial_increment,
+            r.subsequent_increment,
+        )
+        for prefix, r in rates.items()
+    }
+    table, reference = PrefixTable.from_rows(rows), PrefixTable(rates)
+    assert len(table) == len(reference)
+    for number in ("447700900123", "4420794600", "449001234567", "8613800000000", "4", ""):
+        assert table.lookup(number) == reference.lookup(number)
+    first = table.lookup("447700900123")
+    assert first is not None and first.dest_class is DestinationClass.MOBILE
+    assert table.lookup("4477") is first
+    assert table.items() == reference.items()
+    assert all(isinstance(found, Rate) for _, found in table.items())

@@ -166,6 +166,10 @@ class RateDeck(Base):
     tenant_id: Mapped[int | None] = mapped_column(
         ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True, unique=True
     )
+    #: A fresh random token written with every change of the deck's rows (``import_rates``):
+    #: a snapshot rebuild reuses its previous copy of a deck whose stamp is unchanged. NULL:
+    #: unknown (a deck written before migration 0005), read again at every rebuild.
+    stamp: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class RateRow(Base):

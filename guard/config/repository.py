@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -1494,6 +1495,8 @@ def import_rates(
                 for i in range(0, len(ordered), 500)
             )
         _insert_rates(connection, deck_id, rates)
+        # New rows, new stamp: a snapshot rebuild must read this deck again (see RateDeck.stamp).
+        found.stamp = secrets.token_hex(16)
         if postgres:
             connection.exec_driver_sql("ANALYZE rates")
         total = connection.execute(sa.select(sa.func.count()).where(in_deck)).scalar_one()
