@@ -4,6 +4,7 @@ limit raises, run as an admin would, against SQLite and the real Redis; every ch
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,37 @@ def test_ip_block_list_unblock(env: dict[str, str]) -> None:
     bad = run(env, "ip", "block", "6.6.6.6 src=1.2.3.4")
     assert bad.exit_code == 2 and "not an IP address" in bad.output
     assert audit_kinds(env)[:3] == ["admin.ip.unblock", "admin.ip.unblock", "admin.ip.block"]
+
+
+def test_ip_block_writes_the_event_line_of_the_servers_log(env: dict[str, str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    text = run(env | {"GUARD_LOG_FORMAT": "text"}, "ip", "block", "198.51.100.23", "--for", "2h")
+    assert text.stdout == "blocked 198.51.100.23 for 7200 s\n"
+    (line,) = text.stderr.splitlines()
+    assert " WARNING guard.events event kind=ip_blocked reason=admin_block src=198.51.100.23 " in (
+        line
+    )
+    assert 'by=alice note="blocked by an admin"' in line
+    replaced = run(
+        env | {"GUARD_LOG_FORMAT": "json"}, "ip", "block", "198.51.100.23", "--reason", "abuse"
+    )
+    assert replaced.stdout.startswith("block replaced:")
+    event = json.loads(replaced.stderr)
+    assert {key: event[key] for key in ("logger", "kind", "reason", "src", "until", "by")} == {
+        "logger": "guard.events",
+        "kind": "ip_blocked",
+        "reason": "admin_block",
+        "src": "198.51.100.23",
+        "until": "-",
+        "by": "alice",
+    }
+    # The command's logging is undone after it (the process may go on: tests, a shell).
+    assert (root.handlers, root.level) == (handlers, level)
+    # Nothing is logged when nothing was blocked.
+    assert run(env, "ip", "block", "not-an-ip").stderr.count("event") == 0
+    down = run(env | {"GUARD_REDIS_URL": "redis://127.0.0.1:1/0"}, "ip", "block", "192.0.2.1")
+    assert down.exit_code == 1 and "kind=ip_blocked" not in down.stderr
 
 
 def test_ip_allow_and_policy(env: dict[str, str]) -> None:

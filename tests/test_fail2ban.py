@@ -1,8 +1,9 @@
 """The shipped fail2ban filter, run by the real ``fail2ban-regex`` on Guard's own event log.
 
 Only the true source IPs of blocks and scanners may match, whatever hostile User-Agents,
-tenants or extensions the log holds. A missing ``fail2ban-regex`` fails the test (``.ci/run``
-installs it).
+tenants or extensions the log holds, and whatever an admin's block (``guard ip block``, which
+writes the same event line to its stderr) says about who blocked and why. A missing
+``fail2ban-regex`` fails the test (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from guard.cli import cli
+from guard.config.db import upgrade
 from guard.events import Event, EventBus, EventKind
 from guard.logs import TextFormatter
 
@@ -89,6 +93,52 @@ def test_the_filter_matches_only_true_source_ips(event_log: tuple[Path, EventBus
     matched = fail2ban_matches(path)
     assert sorted(set(matched)) == ["2001:db8::7", "203.0.113.5", "203.0.113.6", "203.0.113.8"]
     assert matched.count("203.0.113.5") == len(HOSTILE)
+
+
+def test_an_admin_block_from_the_cli_is_banned(
+    tmp_path: Path, sqlite_url: str, redis_url: str, key_prefix: str
+) -> None:
+    """``guard ip block`` logs ``kind=ip_blocked`` on stderr; the admin's name (``SUDO_USER``)
+    and ``--reason`` are free text, and hostile ones forge nothing."""
+    upgrade(sqlite_url)
+    env = {
+        "GUARD_DATABASE_URL": sqlite_url,
+        "GUARD_REDIS_URL": redis_url,
+        "GUARD_REDIS_PREFIX": key_prefix,
+        "GUARD_LOG_FORMAT": "text",
+        "GUARD_CONFIG": None,
+    }
+    runs = [
+        ("203.0.113.20", "alice", "abuse"),
+        ("2001:db8::20", "alice", "blocked by an admin"),
+        *(
+            ("203.0.113.20", text, text if text.isprintable() else "abuse")
+            for text in HOSTILE
+            if "\x00" not in text  # an environment variable cannot hold it
+        ),
+    ]
+    lines: list[str] = []
+    for address, actor, reason in runs:
+        result = CliRunner().invoke(
+            cli,
+            ["ip", "block", address, "--reason", reason],
+            env={**env, "SUDO_USER": actor},
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        assert "blocked" in result.stdout and "event" not in result.stdout
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        lines.append(result.stderr)
+    assert (
+        "WARNING guard.events event kind=ip_blocked reason=admin_block src=203.0.113.20 "
+        in (lines[0])
+    )
+    assert lines[0].rstrip("\n").endswith("tenant=- ext=- call_id=- until=- by=alice note=abuse")
+    path = tmp_path / "guard-cli.log"
+    path.write_text("".join(lines), "utf-8")
+    matched = fail2ban_matches(path)
+    assert sorted(set(matched)) == ["2001:db8::20", "203.0.113.20"]
+    assert len(matched) == len(runs)
 
 
 def test_the_jail_uses_the_filter() -> None:

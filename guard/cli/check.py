@@ -1,9 +1,12 @@
 """``guard check``: dry-run one call through the engine and show every check's verdict.
 
 The snapshot is built from SQL and the engine from the settings, exactly as ``guard serve`` does
-(``build_services``); ``Engine.preview`` decides without reserving, learning or counting. The
-ledger's own refusals that precede the limits (a runtime lock, a learned User-Agent that differs)
-are read here so that the dry run says what a live call would get.
+(``build_services``), and the perimeter's copy of the IP blocks and threat lists is read from the
+counter store once, as ``guard serve`` refreshes it every second; ``Engine.preview`` then decides
+without reserving, learning or counting. The ledger's own refusals that precede the limits (a
+runtime lock, a learned User-Agent that differs) are read here so that the dry run says what a
+live call would get. A call in shadow mode (``guard.shadow``) is shown as the engine would let it
+go, with the verdict it would have had if enforced (``ShadowPreview``).
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from guard.cli.common import (
     print_json,
     print_table,
     rate_json,
+    warn,
     when,
 )
 from guard.domain import CallAttempt, CheckOutcome, Decision, Reason, Result, UaLockMode
 from guard.engine import Preview
-from guard.errors import ValidationError
+from guard.errors import StorageError, ValidationError
 from guard.ledger import RedisLedger
+from guard.perimeter import Perimeter
 from guard.schedule import tenant_day, zone
-from guard.service import build_services
+from guard.service import Services, build_services
 from guard.settings import Settings
+from guard.shadow import enforced_in_shadow, in_shadow, let_go
 from guard.snapshot import ExtensionConfig, TenantConfig
 
 CALL_ID = "guard-check"
@@ -57,14 +63,37 @@ def to_moment(_ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowPreview:
+    """A call judged in shadow mode: the verdict it would have had if enforced.
+
+    The limits are judged on the shadow counters, as the engine judges them in shadow mode.
+    """
+
+    #: ``tenant`` (the whole tenant is in shadow mode) or ``extension`` (only this one).
+    scope: str
+    #: The decision if enforced: ``DENY`` and the reason a live call would have been refused for.
+    enforced: Decision
+    #: The refusal stands in shadow mode too (a live lock, a perimeter reason, …).
+    stands: bool
+
+    @property
+    def would_refuse(self) -> bool:
+        return not self.enforced.allowed
+
+
+@dataclass(frozen=True, slots=True)
 class DryRun:
     """What ``guard check`` found: the decision, the checks in order, and today's counters."""
 
     attempt: CallAttempt
+    #: What the call gets: in shadow mode, ``ALLOW`` unless the refusal stands (``shadow``).
     decision: Decision
     preview: Preview
     checks: tuple[CheckOutcome, ...]
     at: datetime
+    shadow: ShadowPreview | None = None
+    #: Why the IP blocks and threat lists could not be read (the dry run then ignores them).
+    perimeter_error: str = ""
 
     @property
     def tenant(self) -> TenantConfig | None:
@@ -84,27 +113,59 @@ def _moment(at: datetime | None, timezone: str) -> datetime:
 
 
 async def runtime_outcome(
-    ledger: RedisLedger, attempt: CallAttempt, extension: ExtensionConfig
+    ledger: RedisLedger,
+    attempt: CallAttempt,
+    extension: ExtensionConfig,
+    *,
+    name: str = "runtime_lock",
+    learn: bool = True,
 ) -> CheckOutcome:
     """The ledger's checks before the limits, read-only: the runtime lock, then in ``learn``
     mode the learned User-Agent (a different one would lock the extension)."""
     state = await ledger.extension_state(attempt.tenant, extension.name)
     if state.locked:
         reason = state.lock_reason or "no reason given"
-        return CheckOutcome("runtime_lock", False, Reason.EXTENSION_LOCKED, f"locked: {reason}")
-    if extension.ua_mode is not UaLockMode.LEARN:
-        return CheckOutcome("runtime_lock", True, None, "not locked")
+        return CheckOutcome(name, False, Reason.EXTENSION_LOCKED, f"locked: {reason}")
+    if not learn or extension.ua_mode is not UaLockMode.LEARN:
+        return CheckOutcome(name, True, None, "not locked")
     learned = state.learned_user_agent
     if learned is None:
-        return CheckOutcome("runtime_lock", True, None, "nothing learned yet: would learn it")
+        return CheckOutcome(name, True, None, "nothing learned yet: would learn it")
     if learned != attempt.user_agent:
         return CheckOutcome(
-            "runtime_lock",
+            name,
             False,
             Reason.USER_AGENT_MISMATCH,
             f"differs from the learned User-Agent {learned!r}: would lock the extension",
         )
-    return CheckOutcome("runtime_lock", True, None, "matches the learned User-Agent")
+    return CheckOutcome(name, True, None, "matches the learned User-Agent")
+
+
+async def runtime_outcomes(
+    services: Services, attempt: CallAttempt, extension: ExtensionConfig, *, shadow: bool
+) -> list[CheckOutcome]:
+    """``runtime_outcome`` as the engine applies it: in shadow mode only a lock in the live
+    counters refuses; the learned User-Agent and a lock of the shadow counters (``shadow_lock``)
+    are judged there, like the limits."""
+    if not shadow:
+        return [await runtime_outcome(services.ledger, attempt, extension)]
+    live = await runtime_outcome(services.ledger, attempt, extension, learn=False)
+    if not live.passed:
+        return [live]
+    return [
+        live,
+        await runtime_outcome(services.shadow_ledger, attempt, extension, name="shadow_lock"),
+    ]
+
+
+async def refresh_perimeter(perimeter: Perimeter) -> str:
+    """Read the IP blocks and threat lists as ``guard serve`` does (``Perimeter.refresh``);
+    the error that kept them unread, else ``""``."""
+    try:
+        await perimeter.refresh()
+    except StorageError as exc:
+        return str(exc)
+    return ""
 
 
 def _limits_outcome(preview: Preview) -> CheckOutcome:
@@ -123,22 +184,46 @@ async def dry_run(settings: Settings, attempt: CallAttempt, at: datetime | None)
     """Decide ``attempt`` at ``at`` (now by default) as a live call would be, reserving nothing."""
     services = build_services(settings)
     try:
-        tenant = services.snapshots.current.tenant(attempt.tenant)
+        perimeter_error = await refresh_perimeter(services.perimeter)
+        snapshot = services.snapshots.current
+        tenant = snapshot.tenant(attempt.tenant)
+        extension = snapshot.extension(attempt.tenant, attempt.extension)
+        shadow = in_shadow(tenant, extension)
         moment = _moment(at, tenant.timezone if tenant is not None else "UTC")
         preview = await services.engine.preview(attempt, moment.timestamp())
         policy, decision = preview.policy, preview.decision
         checks = list(policy.outcomes)
+        # In shadow mode a refusal of the checks stands if shadow mode enforces its reason; of
+        # the counters (limits, store, shadow lock) never, but a lock in the live ones does.
+        stands = tenant is None or enforced_in_shadow(decision.reason, tenant)
         if policy.passed and not policy.is_emergency and policy.extension is not None:
-            runtime = None
+            runtime: list[CheckOutcome] = []
             if not preview.store_error:
-                runtime = await runtime_outcome(services.ledger, attempt, policy.extension)
-                checks.append(runtime)
+                runtime = await runtime_outcomes(services, attempt, policy.extension, shadow=shadow)
+                checks.extend(runtime)
             checks.append(_limits_outcome(preview))
-            if runtime is not None and runtime.reason is not None:
+            refused = next((outcome for outcome in runtime if outcome.reason is not None), None)
+            if refused is not None and refused.reason is not None:
                 decision = dataclasses.replace(
-                    decision, result=Result.DENY, reason=runtime.reason, max_seconds=0
+                    decision, result=Result.DENY, reason=refused.reason, max_seconds=0
                 )
-        return DryRun(attempt, decision, preview, tuple(checks), moment)
+            stands = refused is not None and refused.name == "runtime_lock"
+        preview_of_shadow = None
+        if shadow and tenant is not None and not policy.is_emergency:
+            scope = "tenant" if tenant.shadow else "extension"
+            stands = stands and decision.reason is not Reason.ALLOWED
+            preview_of_shadow = ShadowPreview(scope, decision, stands)
+            if not stands:
+                decision = let_go(decision, tenant)
+        return DryRun(
+            attempt,
+            decision,
+            preview,
+            tuple(checks),
+            moment,
+            preview_of_shadow,
+            perimeter_error,
+        )
     finally:
         await services.close()
 
@@ -154,6 +239,34 @@ def _check_json(outcome: CheckOutcome) -> dict[str, Any]:
 
 def _limits_json(daily: int | None, concurrent: int | None) -> dict[str, Any]:
     return {**money_json("daily_limit", daily), "concurrent_limit": concurrent}
+
+
+def shadow_json(shadow: ShadowPreview | None) -> dict[str, Any] | None:
+    if shadow is None:
+        return None
+    enforced = shadow.enforced
+    return {
+        "scope": shadow.scope,
+        "counters": "shadow",
+        "enforced_result": enforced.result.value,
+        "enforced_reason": enforced.reason.value,
+        "enforced_max_seconds": enforced.max_seconds,
+        "refusal_stands": shadow.stands,
+    }
+
+
+def describe_shadow(shadow: ShadowPreview) -> str:
+    """One line for people: what shadow mode does with the call, and the enforced verdict."""
+    enforced = shadow.enforced
+    mode = f"on ({shadow.scope})"
+    if shadow.stands:
+        return f"{mode}: refused even in shadow mode ({enforced.reason} is enforced)"
+    if not shadow.would_refuse:
+        return (
+            f"{mode}: goes out; if enforced: {enforced.result} {enforced.reason}, "
+            f"max {enforced.max_seconds} s"
+        )
+    return f"{mode}: goes out; if enforced: {enforced.result} {enforced.reason}"
 
 
 def dry_run_json(run: DryRun) -> dict[str, Any]:
@@ -188,6 +301,8 @@ def dry_run_json(run: DryRun) -> dict[str, Any]:
         },
         "today": today,
         "store_error": preview.store_error or None,
+        "shadow": shadow_json(run.shadow),
+        "perimeter_error": run.perimeter_error or None,
     }
 
 
@@ -200,15 +315,16 @@ def print_dry_run(run: DryRun) -> None:
         "(none)" if decision.destination is None else describe_rate(decision.destination, currency)
     )
     zone_name = tenant.timezone if tenant is not None else "UTC"
-    print_fields(
-        [
-            ("number", f"{run.attempt.number}{normalized}"),
-            ("destination", destination),
-            ("max seconds", decision.max_seconds),
-            ("at", f"{run.at:%a %Y-%m-%d %H:%M} {zone_name}"),
-        ],
-        indent=2,
-    )
+    fields: list[tuple[str, object]] = []
+    if run.shadow is not None:
+        fields.append(("shadow", describe_shadow(run.shadow)))
+    fields += [
+        ("number", f"{run.attempt.number}{normalized}"),
+        ("destination", destination),
+        ("max seconds", decision.max_seconds),
+        ("at", f"{run.at:%a %Y-%m-%d %H:%M} {zone_name}"),
+    ]
+    print_fields(fields, indent=2)
     click.echo()
     print_table(
         ["result", "check", "reason", "detail"],
@@ -217,7 +333,8 @@ def print_dry_run(run: DryRun) -> None:
     if tenant is None or preview.tenant_today is None:
         return
     click.echo()
-    click.echo(f"limits today ({tenant_day(tenant.timezone, run.at.timestamp())})")
+    counters = ", shadow counters" if run.shadow is not None else ""
+    click.echo(f"limits today ({tenant_day(tenant.timezone, run.at.timestamp())}{counters})")
     rows: list[tuple[str, object]] = []
     if ext is not None and preview.extension_today is not None:
         rows.append(
@@ -289,11 +406,12 @@ def check(
 ) -> None:
     """Dry-run one call: ALLOW or DENY, the reason code, and every check's verdict.
 
-    Runs the checks a live call goes through, on the configuration in SQL and today's
-    counters, and prints the decision, the normalized number, the destination and its rate, the
-    longest call the budget allows, each check (pass or FAIL, with its reason code), and today's
-    spend against the limits. Nothing is reserved, learned or counted. Exit status 0 on ALLOW,
-    1 on DENY.
+    Runs the checks a live call goes through, on the configuration in SQL, the IP blocks and
+    threat lists and today's counters, and prints the decision, the normalized number, the
+    destination and its rate, the longest call the budget allows, each check (pass or FAIL, with
+    its reason code), and today's spend against the limits. Nothing is reserved, learned or
+    counted. A call in shadow mode is ALLOW (reason shadow when it would have been refused) and
+    the `shadow` line tells the verdict if enforced. Exit status 0 on ALLOW, 1 on DENY.
 
     \b
     Example:
@@ -305,6 +423,8 @@ def check(
             raise ValidationError(field, "must not be empty")
     attempt = CallAttempt(tenant, extension, number, source_ip, user_agent, CALL_ID)
     run = asyncio.run(dry_run(state.admin_settings, attempt, at))
+    if run.perimeter_error:
+        warn(f"IP blocks and threat lists not read, so not checked: {run.perimeter_error}")
     if as_json:
         print_json(dry_run_json(run))
     else:

@@ -3,9 +3,11 @@
 ``guard tenant``.
 
 IP blocks and threat lists live in the counter store (Redis), so these commands write there and
-record the change in the audit log themselves; allow-lists, thresholds, country lists and limit
-raises live in SQL like the rest of the configuration (audited by the repository, then the
-guards reload). Importing this module attaches ``raise`` to the ``ext`` and ``tenant`` groups.
+record the change in the audit log themselves (``guard ip block`` also logs the block's
+``ip_blocked`` event line on stderr, as ``guard serve`` does, for fail2ban); allow-lists,
+thresholds, country lists and limit raises live in SQL like the rest of the configuration
+(audited by the repository, then the guards reload). Importing this module attaches ``raise``
+to the ``ext`` and ``tenant`` groups.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ from guard.config import repository
 from guard.config.repository import UNSET, AuditInfo, IpAllowInfo, Keep, RaiseInfo
 from guard.domain import CountryMode
 from guard.errors import ConfigStoreError
+from guard.events import Event, EventBus, EventKind
 from guard.ledger.types import IpBlock, ThreatKind
+from guard.logs import logging_to_stderr
 from guard.perimeter.geoip import GeoIPDatabase, database_status
 from guard.perimeter.threats import LIST_NAME, parse_threat_list
 from guard.policy import parse_source_ip
 
+#: The ``reason=`` of the ``ip_blocked`` event of an admin's block (the admin's text is ``note=``).
+ADMIN_BLOCK = "admin_block"
 _DURATION = re.compile(r"([0-9]+)\s*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 _DEFAULT = "default"
@@ -127,6 +133,18 @@ def block_json(block: IpBlock) -> dict[str, Any]:
     }
 
 
+def log_block(state: CliState, address: str, until: float | None, note: str) -> None:
+    """Write the block's ``ip_blocked`` event to this command's log (stderr), as ``guard serve``
+    logs the blocks it makes (``EventBus.emit``: the same fields, escaping and format), so that
+    fail2ban on that log bans an admin's block too. Only the log line: the audit log records the
+    block as ``admin.ip.block``."""
+    detail = {"until": "-" if until is None else int(until), "by": state.actor, "note": note}
+    event = Event(EventKind.IP_BLOCKED, ADMIN_BLOCK, source_ip=address, detail=detail)
+    settings = state.settings
+    with logging_to_stderr(settings.log_format, settings.log_level):
+        EventBus().emit(event)
+
+
 @ip.command("block")
 @click.argument("address", metavar="IP")
 @click.option(
@@ -139,16 +157,22 @@ def block_json(block: IpBlock) -> dict[str, Any]:
 @click.option("--reason", default="blocked by an admin", show_default=True, help="Why.")
 @pass_state
 def ip_block(state: CliState, address: str, seconds: int | None, reason: str) -> None:
-    """Block IP for every tenant (refused with ip_blocked)."""
+    """Block IP for every tenant (refused with ip_blocked).
+
+    Also writes the `event kind=ip_blocked reason=admin_block src=IP …` line of the servers'
+    log to stderr, for fail2ban.
+    """
     _need_shared_store(state)
     canonical = _address(address)
     if not reason.isprintable() or not 0 < len(reason) <= 200:
         raise Invalid("--reason must be 1-200 printable characters")
+    now = time.time()
     created = state.with_ledger(
         lambda ledger: ledger.block_ip(
-            canonical, seconds=seconds, reason=reason, by=state.actor, now=time.time()
+            canonical, seconds=seconds, reason=reason, by=state.actor, now=now
         )
     )
+    log_block(state, canonical, None if seconds is None else now + seconds, reason)
     _audit(state, "ip.block", {"ip": canonical, "seconds": seconds, "reason": reason})
     ends = "until unblocked" if seconds is None else f"for {seconds} s"
     click.echo(f"{'blocked' if created else 'block replaced:'} {canonical} {ends}")
