@@ -1,19 +1,22 @@
 """A dashboard over real parts for tests: SQLite configuration, the real Redis, a metered engine.
 
 ``Harness`` holds what ``guard serve`` and ``guard dashboard`` would build (the configuration in
-SQL and its snapshot, the ledger under the test's key prefix, the event bus with the event feed,
-a ``MeteredEngine``) so that a test authorizes and settles calls exactly as production does,
-then looks at them through the dashboard's JSON API, pages or a browser.
+SQL and its snapshot, the ledger under the test's key prefix and the shadow counters beside it,
+the event bus with the event feed, a ``MeteredEngine``) so that a test authorizes and settles
+calls exactly as production does, then looks at them through the dashboard's JSON API, pages or
+a browser.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import Engine as SqlEngine
 
@@ -29,6 +32,7 @@ from guard.ledger import ledger_from_url
 from guard.ledger.redis_ledger import RedisLedger
 from guard.metrics import MeteredEngine, MeteredLedger, ServeMetrics
 from guard.money import parse_money
+from guard.shadow import shadow_prefix
 
 LONDON = "02079460000"
 UK_MOBILE = "07700900123"
@@ -83,6 +87,8 @@ class Harness:
     feed: EventFeed
     engine: MeteredEngine
     metrics: ServeMetrics
+    #: The shadow counters (prefix ``<key_prefix>-shadow``), as ``guard serve`` builds them.
+    shadow_ledger: RedisLedger
     seen: list[Event] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -114,7 +120,13 @@ class Harness:
         await self.feed.flush()
 
     def data(self, cache_seconds: float = 0.0) -> DashboardData:
-        return DashboardData(self.ledger, self.feed, self.snapshots, cache_seconds=cache_seconds)
+        return DashboardData(
+            self.ledger,
+            self.feed,
+            self.snapshots,
+            shadow_ledger=self.shadow_ledger,
+            cache_seconds=cache_seconds,
+        )
 
     def dashboard(self, hangup: Hangup | None = None, **config: Any) -> Dashboard:
         return Dashboard(
@@ -144,14 +156,23 @@ async def harness(sqlite_url: str, redis_url: str, key_prefix: str) -> AsyncIter
         metrics,
         EngineSettings(grace_seconds=30),
     )
-    found = Harness(sql, ledger, snapshots, events, feed, engine, metrics)
+    shadow = ledger_from_url(redis_url, prefix=shadow_prefix(key_prefix), timeout=1.0)
+    engine.shadow_ledger = MeteredLedger(shadow, metrics, zone_of)
+    found = Harness(sql, ledger, snapshots, events, feed, engine, metrics, shadow)
     events.add_sink(found.seen.append)
     try:
         yield found
     finally:
         await engine.drain()
         await ledger.close()
+        await shadow.close()
         sql.dispose()
+        # ``key_prefix`` deletes the live keys; the shadow ones are ours to delete.
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(redis_url)
+            for key in client.scan_iter(match=f"{shadow_prefix(key_prefix)}:*", count=1000):
+                client.delete(key)
+            client.close()
 
 
 @asynccontextmanager

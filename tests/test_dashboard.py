@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 from dashboard_support import PARIS, UK_MOBILE, Harness, client_of, harness, row
@@ -67,6 +68,7 @@ async def test_tenant_page_data_per_extension_sorted_with_locks_and_agents(env: 
 async def test_hourly_spend_lands_in_the_tenants_local_hour(env: Harness) -> None:
     decision = await env.authorize(number=UK_MOBILE)
     settled = await env.engine.settle("acme", decision.call_id, 125)
+    assert decision.destination is not None
     hour = datetime.now(zone("Europe/London")).hour
     async with client_of(env.dashboard()) as client:
         body = await (await client.get("/api/tenants/acme/hourly")).json()
@@ -177,3 +179,102 @@ async def test_a_refused_call_still_counts_in_decision_metrics(env: Harness) -> 
     text = env.metrics.render().decode()
     assert 'guard_decisions_total{reason="allowed",result="ALLOW"} 1.0' in text
     assert 'guard_decisions_total{reason="unknown_tenant",result="DENY"} 1.0' in text
+
+
+def _shadow_part(html: str, name: str) -> str:
+    """The element a page marks as ``name``'s shadow counters (a table row or a summary)."""
+    start = html.index(f'data-shadow-of="{name}"')
+    ends = [html.find(tag, start) for tag in ("</tr>", "</dl>")]
+    return html[start : min(end for end in ends if end >= 0)]
+
+
+async def test_a_tenant_in_shadow_mode_shows_its_shadow_counters_beside_the_live_ones(
+    env: Harness,
+) -> None:
+    repository.set_tenant(env.sql, "acme", actor="test", shadow=True)
+    env.reload()
+    first = await env.authorize(number=UK_MOBILE)
+    second = await env.authorize(extension="1002", number=PARIS)
+    refused = await env.authorize(number=PARIS)  # 1001 is domestic: a would-be refusal
+    assert first.allowed and second.allowed and refused.reason is Reason.SHADOW
+    settled = await env.engine.settle("acme", first.call_id, 61)
+    assert settled.cost == parse_money("0.20")
+    async with client_of(env.dashboard()) as client:
+        overview = await (await client.get("/api/overview")).json()
+        tenant = await (await client.get("/api/tenants/acme")).json()
+        overview_html = await (await client.get("/")).text()
+        tenant_html = await (await client.get("/tenants/acme")).text()
+    acme = row(overview["tenants"], name="acme")
+    # Nothing reached the live counters; the shadow ones hold the spend and the open call.
+    assert (acme["spent"], acme["reserved"], acme["live_calls"]) == (0, 0, 0)
+    shadow = {"spent": parse_money("0.20"), "reserved": parse_money("4.80"), "live_calls": 1}
+    assert {key: acme["shadow"][key] for key in shadow} == shadow
+    assert acme["shadow"]["tenant"] is True and acme["shadow"]["extensions"] == []
+    assert acme["shadow"]["used"] == 0.1  # 5.00 of the tenant's 50.00
+    assert tenant["tenant"]["shadow"] == acme["shadow"]
+    mobile, paris = row(tenant["extensions"], name="1001"), row(tenant["extensions"], name="1002")
+    assert (mobile["spent"], paris["reserved"]) == (0, 0)
+    assert mobile["shadow"] == {
+        "spent": parse_money("0.20"),
+        "reserved": 0,
+        "used": 0.04,
+        "live_calls": 0,
+    }
+    assert paris["shadow"]["reserved"] == parse_money("4.80") and paris["shadow"]["live_calls"] == 1
+    assert [event["kind"] for event in tenant["events"]] == ["shadow_refused"]
+    for html, name in ((overview_html, "acme"), (tenant_html, "acme"), (tenant_html, "1001")):
+        part = _shadow_part(html, name)
+        assert "SHADOW" in part and "0.2000 GBP" in part, (name, part)
+    assert "4.8000 GBP" in _shadow_part(overview_html, "acme")
+    assert "4.8000 GBP" in _shadow_part(tenant_html, "1002")
+    assert "shadow_refused" in tenant_html
+
+
+async def test_one_extension_in_shadow_mode_marks_the_tenant_and_that_extension_only(
+    env: Harness,
+) -> None:
+    repository.set_extension(env.sql, "acme", "1002", actor="test", shadow=True)
+    env.reload()
+    enforced = await env.authorize(number=UK_MOBILE)
+    shadowed = await env.authorize(extension="1002", number=PARIS)
+    assert enforced.allowed and shadowed.allowed
+    async with client_of(env.dashboard()) as client:
+        tenant = await (await client.get("/api/tenants/acme")).json()
+        html = await (await client.get("/tenants/acme")).text()
+    summary = tenant["tenant"]
+    assert summary["reserved"] == parse_money("5") and summary["live_calls"] == 1
+    assert summary["shadow"]["tenant"] is False and summary["shadow"]["extensions"] == ["1002"]
+    assert summary["shadow"]["reserved"] == parse_money("4.80")
+    assert row(tenant["extensions"], name="1001")["shadow"] is None
+    assert row(tenant["extensions"], name="1002")["shadow"]["live_calls"] == 1
+    assert 'data-shadow-of="1002"' in html and 'data-shadow-of="1001"' not in html
+
+
+async def test_a_tenant_not_in_shadow_mode_shows_no_shadow_counters_and_reads_none(
+    env: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shadow counters left over from an earlier trial are not shown once the tenant enforces.
+    repository.set_tenant(env.sql, "acme", actor="test", shadow=True)
+    env.reload()
+    assert (await env.authorize(extension="1002", number=PARIS)).allowed
+    repository.set_tenant(env.sql, "acme", actor="test", shadow=False)
+    env.reload()
+    assert (await env.authorize(number=UK_MOBILE)).allowed
+    reads: list[str] = []
+    real = env.shadow_ledger.counters
+
+    async def counting(tenant: str, day: str) -> Any:
+        reads.append(tenant)
+        return await real(tenant, day)
+
+    monkeypatch.setattr(env.shadow_ledger, "counters", counting)
+    async with client_of(env.dashboard()) as client:
+        overview = await (await client.get("/api/overview")).json()
+        tenant = await (await client.get("/api/tenants/acme")).json()
+        pages = [await (await client.get(path)).text() for path in ("/", "/tenants/acme")]
+    acme = row(overview["tenants"], name="acme")
+    assert acme["reserved"] == parse_money("5") and acme["shadow"] is None
+    assert tenant["tenant"]["shadow"] is None
+    assert all(extension["shadow"] is None for extension in tenant["extensions"])
+    assert all("SHADOW" not in html and "data-shadow-of" not in html for html in pages)
+    assert reads == []

@@ -1,11 +1,14 @@
 """What the dashboard shows, as plain JSON-able data: one method per page, shared by the JSON API.
 
 Reads only: the ledger's counters and live calls, the event feed, the IP blocks, and the
-configuration snapshot (tenants, extensions, limits, time zones, currencies). Amounts stay
-integers in sub-units (``guard.money``) and times stay epoch seconds beside the tenant's time
-zone; formatting is the renderer's job. A counter store that fails or times out never breaks a
-page: the part it feeds is empty and ``store_error`` says why. Results are cached for
-``cache_seconds`` so that many open browsers cost Redis no more than one.
+configuration snapshot (tenants, extensions, limits, time zones, currencies). For a tenant in
+shadow mode (``guard.shadow``: the tenant, or one of its extensions) the shadow counters are read
+too, and shown apart as its row's ``shadow`` object (``None`` for every other tenant, which costs
+no extra read): what its calls would have spent, reserved and held live, nothing enforced.
+Amounts stay integers in sub-units (``guard.money``) and times stay epoch seconds beside the
+tenant's time zone; formatting is the renderer's job. A counter store that fails or times out
+never breaks a page: the part it feeds is empty and ``store_error`` says why. Results are cached
+for ``cache_seconds`` so that many open browsers cost Redis no more than one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from guard.feed import EventFeed, FeedEvent, utc_day
 from guard.ledger.redis_ledger import RedisLedger
 from guard.ledger.types import ExtensionState, SpendCounters, TenantCounters
 from guard.schedule import tenant_day
+from guard.shadow import in_shadow
 from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
 
 _T = TypeVar("_T")
@@ -43,6 +47,16 @@ def _used(spent: int, reserved: int, limit: int | None) -> float | None:
     return 1.0 if limit <= 0 else round((spent + reserved) / limit, 4)
 
 
+def _shadow_json(counters: SpendCounters, limit: int | None) -> JSON:
+    """The ``shadow`` object of a row: would-be spend of shadow mode, never enforced."""
+    return {
+        "spent": counters.spent,
+        "reserved": counters.reserved,
+        "used": _used(counters.spent, counters.reserved, limit),
+        "live_calls": counters.live_calls,
+    }
+
+
 def event_json(event: FeedEvent, timezone: str) -> JSON:
     return {**asdict(event), "timezone": timezone}
 
@@ -56,16 +70,21 @@ class DashboardData:
         feed: EventFeed,
         snapshots: SnapshotHolder,
         *,
+        shadow_ledger: RedisLedger | None = None,
         clock: Callable[[], float] = time.time,
         cache_seconds: float = 1.0,
     ) -> None:
         self.ledger = ledger
+        #: The shadow counters (``guard.service.shadow_ledger_for``); ``None``: not shown.
+        self.shadow_ledger = shadow_ledger
         self.feed = feed
         self.snapshots = snapshots
         self.clock = clock
         self._cache_seconds = cache_seconds
         self._cache: dict[tuple[object, ...], tuple[float, Any]] = {}
         self._index: tuple[Snapshot | None, dict[str, list[ExtensionConfig]]] = (None, {})
+        #: Per snapshot: each tenant's extensions in shadow mode of their own, by name.
+        self._shadowed: dict[str, list[str]] = {}
         self._slots = asyncio.Semaphore(READ_CONCURRENCY)
 
     @property
@@ -100,8 +119,23 @@ class DashboardData:
                 index.setdefault(owner, []).append(config)
             for configs in index.values():
                 configs.sort(key=lambda config: config.name)
+            self._shadowed = {
+                owner: names
+                for owner, configs in index.items()
+                if (names := [config.name for config in configs if config.shadow])
+            }
             self._index = (snapshot, index)
         return self._index[1].get(tenant, [])
+
+    def shadow_scope(self, config: TenantConfig) -> list[str] | None:
+        """Which of the tenant's calls are in shadow mode: ``[]`` all of them (the tenant is),
+        else its extensions that are, by name; ``None`` when none is (or nothing to read)."""
+        if self.shadow_ledger is None:
+            return None
+        if config.shadow:
+            return []
+        self.extensions_of(config.name)  # (re)builds the index of this snapshot
+        return self._shadowed.get(config.name)
 
     # ---- pages ----------------------------------------------------------------------------
 
@@ -125,7 +159,7 @@ class DashboardData:
         now = self.clock()
         tenants = list(self.snapshot.tenants.values())
         found = await asyncio.gather(*(self._tenant_summary(config, now) for config in tenants))
-        rows = [row for row, _ in found]
+        rows = [row for row, _, _ in found]
         rows.sort(key=lambda row: (-(row["spent"] + row["reserved"]), row["name"]))
         errors = sorted({row["store_error"] for row in rows if row["store_error"]})
         return {
@@ -138,9 +172,11 @@ class DashboardData:
 
     async def _tenant_summary(
         self, config: TenantConfig, now: float
-    ) -> tuple[JSON, TenantCounters | None]:
-        """The tenant's overview row, and its counters (``None`` if the store failed)."""
+    ) -> tuple[JSON, TenantCounters | None, TenantCounters | None]:
+        """The tenant's overview row, its counters and, in shadow mode, its shadow counters
+        (``None`` if the store failed or, for the shadow ones, outside shadow mode)."""
         day = tenant_day(config.timezone, now)
+        scope = self.shadow_scope(config)
         row: JSON = {
             "name": config.name,
             "timezone": config.timezone,
@@ -156,16 +192,33 @@ class DashboardData:
             "refusals_last_hour": {},
             "alerts_today": {},
             "store_error": "",
+            "shadow": None,
         }
-        try:
-            counters, refusals, alerts = await asyncio.gather(
-                self._read(self.ledger.counters(config.name, day)),
-                self._read(self.feed.refusals_last_hour(config.name, now)),
-                self._read(self.feed.alerts(config.name, day)),
-            )
-        except StorageError as exc:
-            row["store_error"] = str(exc)
-            return row, None
+        if scope is not None:
+            row["shadow"] = {
+                **_shadow_json(SpendCounters(), config.daily_limit),
+                "tenant": config.shadow,
+                "extensions": scope,
+            }
+        reads = [
+            self.ledger.counters(config.name, day),
+            self.feed.refusals_last_hour(config.name, now),
+            self.feed.alerts(config.name, day),
+        ]
+        if scope is not None and self.shadow_ledger is not None:
+            reads.append(self.shadow_ledger.counters(config.name, day))
+        # All are awaited: the counters' error, which names the store, is the one shown.
+        found = await asyncio.gather(*(self._read(read) for read in reads), return_exceptions=True)
+        for result in found:
+            if isinstance(result, StorageError):
+                row["store_error"] = str(result)
+                return row, None, None
+            if isinstance(result, BaseException):
+                raise result
+        counters, refusals, alerts = found[:3]
+        shadow = found[3] if len(found) > 3 else None
+        assert isinstance(counters, TenantCounters)
+        assert isinstance(refusals, dict) and isinstance(alerts, dict)
         total = counters.total
         row.update(
             spent=total.spent,
@@ -175,7 +228,11 @@ class DashboardData:
             refusals_last_hour=refusals,
             alerts_today=alerts,
         )
-        return row, counters
+        if isinstance(shadow, TenantCounters):
+            row["shadow"].update(_shadow_json(shadow.total, config.daily_limit))
+        else:
+            shadow = None
+        return row, counters, shadow
 
     async def tenant(self, name: str, sort: str = "name", descending: bool = False) -> JSON | None:
         """The tenant page: its summary, extensions (sorted), hourly spend and recent events."""
@@ -190,11 +247,13 @@ class DashboardData:
 
     async def _tenant(self, config: TenantConfig, sort: str, descending: bool) -> JSON:
         now = self.clock()
-        summary, counters = await self._tenant_summary(config, now)
+        summary, counters, shadow = await self._tenant_summary(config, now)
         extensions = self.extensions_of(config.name)
         names = [extension.name for extension in extensions]
         store_error = summary["store_error"]
         per_ext: Mapping[str, SpendCounters] = counters.extensions if counters else {}
+        shadow_ext: Mapping[str, SpendCounters] = shadow.extensions if shadow else {}
+        in_scope = summary["shadow"] is not None
         states: Mapping[str, ExtensionState] = {}
         hourly: JSON = self._hourly_json(config, summary["day"], {}, {})
         events: list[JSON] = []
@@ -210,7 +269,14 @@ class DashboardData:
             hourly = self._hourly_json(config, summary["day"], spend.total, spend.extensions)
             events = [event_json(event, config.timezone) for event in recent]
         rows = [
-            self._extension_row(extension, per_ext.get(extension.name), states.get(extension.name))
+            self._extension_row(
+                extension,
+                per_ext.get(extension.name),
+                states.get(extension.name),
+                shadow_ext.get(extension.name, SpendCounters())
+                if in_scope and in_shadow(config, extension)
+                else None,
+            )
             for extension in extensions
         ]
         rows.sort(key=_extension_sort_key(sort), reverse=descending)
@@ -228,8 +294,12 @@ class DashboardData:
 
     @staticmethod
     def _extension_row(
-        config: ExtensionConfig, counters: SpendCounters | None, state: ExtensionState | None
+        config: ExtensionConfig,
+        counters: SpendCounters | None,
+        state: ExtensionState | None,
+        shadow: SpendCounters | None = None,
     ) -> JSON:
+        """One extension's row; ``shadow``: its shadow counters when it is in shadow mode."""
         spend = counters or SpendCounters()
         runtime = state or ExtensionState()
         return {
@@ -249,6 +319,7 @@ class DashboardData:
             "ua_mode": config.ua_mode.value,
             "ua_pattern": config.ua_value if config.ua_mode is UaLockMode.PIN else None,
             "learned_user_agent": runtime.learned_user_agent,
+            "shadow": None if shadow is None else _shadow_json(shadow, config.daily_limit),
         }
 
     async def hourly(self, name: str, day: str | None = None) -> JSON | None:

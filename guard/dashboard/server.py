@@ -2,9 +2,9 @@
 
 The dashboard reuses ``guard serve``'s composition root (``build_services``): the same SQL
 configuration and snapshot reloader, the same counter store (with a longer timeout: nobody's
-call waits for a page), the same event bus (its admin events reach the audit table and the
-feed). It runs no sweeper and decides no call. ARI, for the hang-up action, is used only when
-``GUARD_ARI_URL`` is set.
+call waits for a page) and its shadow counters (read for tenants in shadow mode only), the same
+event bus (its admin events reach the audit table and the feed). It runs no sweeper and
+decides no call. ARI, for the hang-up action, is used only when ``GUARD_ARI_URL`` is set.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ async def ari_hangup(settings: Settings) -> AsyncIterator[Hangup | None]:
 def build_dashboard(
     services: Services, config: DashboardConfig, hangup: Hangup | None
 ) -> Dashboard:
-    data = DashboardData(services.ledger, services.feed, services.snapshots)
+    data = DashboardData(
+        services.ledger, services.feed, services.snapshots, shadow_ledger=services.shadow_ledger
+    )
     return Dashboard(data, config, events=services.events, sql=services.sql, hangup=hangup)
 
 
