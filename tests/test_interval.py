@@ -712,4 +712,9 @@ async def test_measured_lateness_of_a_cut_against_the_stand_in(
         f"\ncut lateness over {rounds} cuts (ms): min {late[0]}, median "
         f"{statistics.median(late)}, p95 {late[int(rounds * 0.95) - 1]}, max {late[-1]}"
     )
-    assert all(0 <= ms < 100 for ms in late)
+    # The bound is the design's, not the VM's: a cut is due within a tick (50 ms) plus one
+    # Redis and one HTTP round trip, so the median must sit well inside a tick. A shared CI
+    # host stalls now and then for ~100 ms, so a single cut may be late by that much; a cut
+    # that slipped to a later slice (a scheduling bug) would be >= 1000 ms late.
+    assert all(0 <= ms < 500 for ms in late)
+    assert statistics.median(late) < 50

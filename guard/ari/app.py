@@ -302,6 +302,7 @@ class GuardStasisApp:
             await self._refuse(call, "", _refusal(channel_id, Reason.BAD_REQUEST))
             return
         decision = await self._decide(attempt)
+        decided_at = self.clock()  # the ledger's reservation runs from about now
         if not decision.allowed:
             await self._refuse(call, attempt.tenant, decision)
             return
@@ -329,10 +330,7 @@ class GuardStasisApp:
             await self._hangup_quietly(channel_id, self.settings.refuse_reason)
         call.phase = _Phase.LIVE
         call.expires = (
-            self.clock()
-            + _limit(decision)
-            + self.settings.ring_timeout
-            + self.settings.grace_seconds
+            decided_at + _limit(decision) + self.settings.ring_timeout + self.settings.grace_seconds
         )
         if call.destroyed:
             await self._finish(call, continued=True)
