@@ -222,6 +222,13 @@ def bare_target() -> Target:
     return Target("bare responder", 1, None, {}, checks=False)
 
 
+def agi_only_target() -> Target:
+    """Guard's FastAGI server without the engine (``bench/agi_only.py``)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    command = [sys.executable, "-m", "bench.agi_only"]
+    return Target("guard AGI layer only", 1, command, {"PYTHONPATH": root}, checks=False)
+
+
 @contextmanager
 def started(target: Target, workdir: Path, redis_url: str) -> Iterator[tuple[GuardProcess, str]]:
     """The target running on a free port with its own Redis key prefix (deleted afterwards)."""
@@ -355,14 +362,15 @@ def _median(results: Sequence[Measurement], pick: Callable[[Measurement], float]
 
 
 def compare(args: argparse.Namespace, workdir: Path, database_url: str) -> dict[str, Any]:
-    """The README's table: bare vs Guard (1 and 2 workers, with and without uvloop/hiredis)."""
+    """The README's table: bare, Guard's AGI layer alone, Guard (1 and 2 workers, without
+    uvloop)."""
     mix = _mix(args)
     saturation = [
         bare_target(),
+        agi_only_target(),
         guard_target(database_url, args.redis_url, 1),
         guard_target(database_url, args.redis_url, 2),
         guard_target(database_url, args.redis_url, 1, without="uvloop"),
-        guard_target(database_url, args.redis_url, 1, without="hiredis"),
     ]
     paced = [
         (rate, target)
@@ -464,7 +472,7 @@ def _mix(args: argparse.Namespace) -> Callable[[int], CallMix]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["run", "compare"])
-    parser.add_argument("--target", choices=["guard", "bare"], default="guard")
+    parser.add_argument("--target", choices=["guard", "bare", "agi-only"], default="guard")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--calls", type=int, default=6000, help="measured calls per phase")
     parser.add_argument("--warmup", type=int, default=500)
@@ -500,11 +508,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = compare(args, workdir, database_url)
             failed = any(row["errors"] for row in output["table"])
         else:
-            target = (
-                bare_target()
-                if args.target == "bare"
-                else guard_target(database_url, args.redis_url, args.workers)
-            )
+            targets: dict[str, Callable[[], Target]] = {
+                "bare": bare_target,
+                "agi-only": agi_only_target,
+                "guard": lambda: guard_target(database_url, args.redis_url, args.workers),
+            }
+            target = targets[args.target]()
             result = measure(
                 target,
                 workdir,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 
 from guard.workers import run
@@ -51,22 +52,33 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
             await writer.wait_closed()
 
 
-async def serve(host: str, port: int) -> None:
-    """Answer until SIGTERM or SIGINT."""
-    server = await asyncio.start_server(_session, host, port, backlog=1024)
+async def until_signalled() -> None:
+    """Return at SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+
+
+async def serve(host: str, port: int) -> None:
+    """Answer until SIGTERM or SIGINT."""
+    async with await asyncio.start_server(_session, host, port, backlog=1024):
+        await until_signalled()
+
+
+def listen_address(description: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` from the command line, by default ``$GUARD_AGI_LISTEN`` (as the
+    load generator sets it for every server) or 127.0.0.1:4599."""
+    parser = argparse.ArgumentParser(description=description)
+    default = os.environ.get("GUARD_AGI_LISTEN", "127.0.0.1:4599")
+    parser.add_argument("--listen", default=default, help="HOST:PORT")
+    host, _, port = parser.parse_args().listen.rpartition(":")
+    return host, int(port)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", default="127.0.0.1:4599", help="HOST:PORT")
-    host, _, port = parser.parse_args().listen.rpartition(":")
-    run(serve(host, int(port)))
+    run(serve(*listen_address(__doc__.splitlines()[0])))
 
 
 if __name__ == "__main__":
