@@ -186,8 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_url",
         "memory://",
         _text,
-        "Counter store: `redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`, or"
-        " `memory://` (in-process, not shared, not durable: first runs only)",
+        "Counter store: `redis://`, `rediss://`, `unix://` (a Redis on this host, by its socket),"
+        " `redis+sentinel://`, `redis+cluster://`, or `memory://` (in-process, not shared, not"
+        " durable: first runs only)",
         secret=True,
     ),
     Setting("redis_prefix", "guard", _text, "Prefix of every Redis key"),

@@ -1,8 +1,8 @@
 """Helpers shared by the ledger tests: request builders and private Redis servers.
 
 A private ``redis-server`` (a plain one, a one-node Cluster, or a master with a Sentinel) runs on a
-free loopback port so that a test may stop, pause or flush it without disturbing the shared test
-Redis that other tests use at the same time.
+free loopback port, or on a Unix socket only, so that a test may stop, pause or flush it without
+disturbing the shared test Redis that other tests use at the same time.
 """
 
 from __future__ import annotations
@@ -85,27 +85,51 @@ def wait_until(check: Callable[[], object], timeout: float = 10.0) -> None:
 
 
 class RedisProcess:
-    """One private ``redis-server`` on a free loopback port, without persistence."""
+    """One private ``redis-server`` without persistence, on a free loopback port or, given
+    ``unix_socket``, on that socket alone (``--port 0``); ``password`` is its ``requirepass``."""
 
-    def __init__(self, workdir: Path, *options: str, config_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *options: str,
+        config_file: Path | None = None,
+        unix_socket: Path | None = None,
+        password: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.options = options
         self.config_file = config_file
-        self.port = free_port()
+        self.unix_socket = unix_socket
+        self.password = password
+        self.port = 0 if unix_socket else free_port()
         self.process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
+        if self.unix_socket:
+            return f"unix://{self.unix_socket}"
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+    def client(self, db: int = 0) -> redis.Redis:
+        if self.unix_socket:
+            return redis.Redis(
+                unix_socket_path=str(self.unix_socket),
+                db=db,
+                password=self.password,
+                socket_timeout=2,
+            )
+        return redis.Redis(port=self.port, db=db, password=self.password, socket_timeout=2)
 
     def start(self) -> RedisProcess:
         args = [REDIS_SERVER] + ([str(self.config_file)] if self.config_file else [])
-        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        args += ["no", "--dir", str(self.workdir), *self.options]
+        if self.unix_socket:
+            args += ["--port", "0", "--unixsocket", str(self.unix_socket)]
+        else:
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.options]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self.ready(lambda client: client.ping())
 

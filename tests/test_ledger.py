@@ -712,6 +712,9 @@ def test_bad_prefix_or_timeout_raise_configuration_error(redis_url: str) -> None
         ("redis://s3cret@host", "redis://***@host"),
         ("redis+sentinel://:s3cret@a:1,b:2/svc/1", "redis+sentinel://:***@a:1,b:2/svc/1"),
         ("redis://host/0?password=s3cret&db=1", "redis://host/0?password=***&db=1"),
+        ("unix://:s3cret@/run/redis/redis.sock?db=2", "unix://:***@/run/redis/redis.sock?db=2"),
+        ("unix://al:s3cret@/run/redis.sock", "unix://al:***@/run/redis.sock"),
+        ("unix:///run/redis.sock?db=2&password=s3cret", "unix:///run/redis.sock?db=2&password=***"),
         ("redis://host:6379/0", "redis://host:6379/0"),
     ],
 )

@@ -2,8 +2,9 @@
 
 The shared test Redis serves what disturbs nobody (keys under the test's prefix); a private
 ``redis-server`` (``ledger_support.RedisProcess``) serves what would disturb other tests: a script
-cache flush, a slow script, a password, a kill. ``StandIn`` is a tiny local asyncio server that
-plays a Redis that misbehaves: silent, answering garbage or answering what nobody asked.
+cache flush, a slow script, a password, a kill, and ``unix://`` (a server on a Unix socket only).
+``StandIn`` is a tiny local asyncio server that plays a Redis that misbehaves: silent, answering
+garbage or answering what nobody asked.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import hiredis
 import pytest
 import redis
 import uvloop
-from ledger_support import NOW, RedisProcess, request
+from ledger_support import DAY, NOW, RATE, RedisProcess, request
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 
-from guard.errors import StorageError
-from guard.ledger import ledger_from_url
+from guard.errors import ConfigurationError, StorageError
+from guard.ledger import RedisLedger, ledger_from_url, mask_url
 from guard.ledger.multiplex import STALE_AFTER, MultiplexedConnection
 from guard.ledger.types import SettleOutcome
+from guard.money import call_cost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,6 +90,33 @@ def command_calls(server: RedisProcess, command: str) -> int:
     return int(stats.get("calls", 0)) + int(stats.get("rejected_calls", 0))
 
 
+def script_runs(server: RedisProcess) -> int:
+    """Scripts the server ran to the end (an ``EVALSHA`` answered ``NOSCRIPT`` is not one)."""
+    with server.client() as client:
+        stats = client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        - int(stats.get(f"cmdstat_{name}", {}).get("failed_calls", 0))
+        for name in ("eval", "evalsha")
+    )
+
+
+def count_scripts(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SHA1 of every script ``ledger`` runs from now on through its multiplexed connection
+    (which it must have)."""
+    scripts = ledger._scripts
+    assert isinstance(scripts, MultiplexedConnection)
+    ran: list[str] = []
+    evalsha = scripts.evalsha
+
+    async def counted(sha: str, source: str, keys: Any, args: Any) -> Any:
+        ran.append(sha)
+        return await evalsha(sha, source, keys, args)
+
+    monkeypatch.setattr(scripts, "evalsha", counted)
+    return ran
+
+
 # --- fixtures ------------------------------------------------------------------------------------
 
 
@@ -108,6 +137,30 @@ def auth_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
                 "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~*", "&*", "+@all"
             )
             client.config_set("requirepass", PASSWORD)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private Redis on a Unix socket only (``--port 0``)."""
+    server = RedisProcess(tmp_path / "redis", unix_socket=tmp_path / "redis.sock").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def unix_auth_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A private Redis on a Unix socket only, started with ``--requirepass PASSWORD``, with the
+    ACL user ``alice``."""
+    home = tmp_path_factory.mktemp("unix-auth-redis")
+    server = RedisProcess(home, unix_socket=home / "redis.sock", password=PASSWORD).start()
+    try:
+        with server.client() as client:
+            client.execute_command(
+                "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~*", "&*", "+@all"
+            )
         yield server
     finally:
         server.stop()
@@ -632,8 +685,36 @@ def test_from_url_parses_host_port_db_user_and_password() -> None:
     assert MultiplexedConnection.from_url("redis://:pw@h:1")._password == "pw"
 
 
+def test_from_url_parses_a_unix_socket_path_db_user_and_password() -> None:
+    conn = MultiplexedConnection.from_url(
+        "unix://al%40ice:p%40ss%3Aw%2Frd@/run/redis/redis.sock?db=2", stale_after=1.5
+    )
+    assert conn._address == "/run/redis/redis.sock"
+    assert (conn._db, conn._username, conn._password) == (2, "al@ice", "p@ss:w/rd")
+    assert conn._stale_after == 1.5
+
+    plain = MultiplexedConnection.from_url("unix:///run/redis/redis.sock")
+    assert plain._address == "/run/redis/redis.sock"
+    assert (plain._db, plain._username, plain._password) == (0, None, None)
+
+    query = MultiplexedConnection.from_url("unix:///r.sock?db=3&username=bob&password=p%26w")
+    assert (query._address, query._db, query._username, query._password) == (
+        "/r.sock",
+        3,
+        "bob",
+        "p&w",
+    )
+
+
 @pytest.mark.parametrize(
-    "url", ["rediss://localhost:6380/0", "unix:///tmp/redis.sock", "http://localhost", "localhost"]
+    "url",
+    [
+        "rediss://localhost:6380/0",
+        "unix://",
+        "unix://:pw@?db=2",
+        "http://localhost",
+        "localhost",
+    ],
 )
 def test_from_url_rejects_what_it_cannot_multiplex(url: str) -> None:
     with pytest.raises(ValueError):
@@ -691,16 +772,7 @@ async def test_redis_url_ledger_runs_its_scripts_on_the_multiplexed_connection(
     redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with ledger_from_url(redis_url, prefix=key_prefix, timeout=2.0) as ledger:
-        scripts = ledger._scripts
-        assert isinstance(scripts, MultiplexedConnection)
-        ran: list[str] = []
-        evalsha = scripts.evalsha
-
-        async def counted(sha: str, source: str, keys: Any, args: Any) -> Any:
-            ran.append(sha)
-            return await evalsha(sha, source, keys, args)
-
-        monkeypatch.setattr(scripts, "evalsha", counted)
+        ran = count_scripts(ledger, monkeypatch)
         reservation = await ledger.reserve(request())
         settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
 
@@ -715,3 +787,157 @@ async def test_redis_url_ledger_runs_its_scripts_on_the_multiplexed_connection(
 async def test_other_ledgers_have_no_multiplexed_connection(url: str) -> None:
     async with ledger_from_url(url, timeout=1.0) as ledger:
         assert ledger._scripts is None
+
+
+# --- unix:// ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_unix_url_ledger_counts_a_call_once_in_its_database_on_the_multiplexed_connection(
+    loop_factory: LoopFactory, unix_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"{unix_redis.url}?db=2"
+
+    async def main() -> tuple[Any, ...]:
+        async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
+            assert isinstance(ledger._scripts, MultiplexedConnection)
+            address = ledger._scripts._address
+            ran = count_scripts(ledger, monkeypatch)
+            reservation = await ledger.reserve(request())
+            live = await ledger.live_calls("acme")  # redis-py, in the same database
+            settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
+            counters = await ledger.counters("acme", DAY)
+            await ledger.ping()
+            return address, ran, reservation, live, settled, counters
+
+    address, ran, reservation, live, settled, counters = run_on(loop_factory, main)
+
+    assert address == str(unix_redis.unix_socket)
+    assert reservation.allowed
+    assert [call.call_id for call in live] == ["call-1"]
+    assert settled.outcome is SettleOutcome.SETTLED
+    assert (counters.total.spent, counters.total.reserved) == (call_cost(RATE, 30), 0)
+    assert len(ran) == len(set(ran)) == 3  # reserve, settle, counters: all multiplexed
+    assert script_runs(unix_redis) == 3  # and each ran exactly once
+    with unix_redis.client(db=2) as db2, unix_redis.client() as db0:
+        assert db2.keys("g:*")
+        assert db0.dbsize() == 0
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+@pytest.mark.parametrize(
+    "form, user",
+    [
+        pytest.param("unix://:{password}@{path}?db=1", "default", id="password"),
+        pytest.param("unix://{path}?db=1&password={password}", "default", id="password-option"),
+        pytest.param("unix://{user}:{acl_password}@{path}?db=1", ACL_USER, id="acl-user"),
+        pytest.param(
+            "unix://{path}?username={user}&password={acl_password}&db=1",
+            ACL_USER,
+            id="acl-user-options",
+        ),
+    ],
+)
+def test_unix_url_credentials_authenticate_both_clients(
+    loop_factory: LoopFactory,
+    unix_auth_redis: RedisProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    form: str,
+    user: str,
+) -> None:
+    url = form.format(
+        path=unix_auth_redis.unix_socket,
+        password=PASSWORD,
+        user=ACL_USER,
+        acl_password=ACL_PASSWORD,
+    )
+
+    async def main() -> tuple[Any, ...]:
+        async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
+            ran = count_scripts(ledger, monkeypatch)
+            assert isinstance(ledger._scripts, MultiplexedConnection)
+            whoami = await within(2, ledger._scripts.execute("ACL", "WHOAMI"))
+            reservation = await ledger.reserve(request())
+            live = await ledger.live_calls("acme")  # redis-py, authenticated the same way
+            settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
+            return whoami, ran, reservation, live, settled
+
+    try:
+        whoami, ran, reservation, live, settled = run_on(loop_factory, main)
+        with unix_auth_redis.client(db=1) as db1:
+            assert db1.keys("g:*")
+    finally:
+        with unix_auth_redis.client(db=1) as db1:
+            db1.flushdb()
+
+    assert whoami == user
+    assert reservation.allowed and settled.outcome is SettleOutcome.SETTLED
+    assert [call.call_id for call in live] == ["call-1"]
+    assert len(ran) == 2
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+@pytest.mark.parametrize(
+    "credentials, options, message",
+    [
+        pytest.param(":wrong@", "", "AuthenticationError: WRONGPASS", id="wrong-password"),
+        pytest.param(
+            "", "?password=wrong", "AuthenticationError: WRONGPASS", id="wrong-password-option"
+        ),
+        pytest.param(
+            f"{ACL_USER}:{PASSWORD}@", "", "AuthenticationError: WRONGPASS", id="wrong-user"
+        ),
+        # Redis refuses a long command from an unauthenticated client before it says NOAUTH.
+        pytest.param(
+            "", "", "ResponseError: ERR Protocol error: unauthenticated", id="no-password"
+        ),
+    ],
+)
+def test_unix_url_with_bad_credentials_is_a_storage_error(
+    loop_factory: LoopFactory,
+    unix_auth_redis: RedisProcess,
+    credentials: str,
+    options: str,
+    message: str,
+) -> None:
+    url = f"unix://{credentials}{unix_auth_redis.unix_socket}{options}"
+
+    async def main() -> str:
+        async with ledger_from_url(url, timeout=2.0) as ledger:
+            with pytest.raises(StorageError, match=message) as caught:
+                await within(3, ledger.reserve(request()))
+        return str(caught.value)
+
+    error = run_on(loop_factory, main)
+    assert mask_url(url) in error
+    assert "wrong" not in error.replace("WRONGPASS", "")
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_unix_url_to_a_missing_socket_fails_at_once_naming_the_masked_url(
+    loop_factory: LoopFactory, tmp_path: Path
+) -> None:
+    url = f"unix://:{PASSWORD}@{tmp_path / 'absent.sock'}?db=2"
+
+    async def main() -> list[str]:
+        errors: list[str] = []
+        async with ledger_from_url(url, timeout=2.0) as ledger:
+            for operation in (lambda: ledger.reserve(request()), ledger.ping):  # each client
+                with pytest.raises(StorageError) as caught:
+                    await within(1, operation())
+                errors.append(str(caught.value))
+        return errors
+
+    for error in run_on(loop_factory, main):
+        assert error.startswith(f"counter store {mask_url(url)}: "), error
+        assert "No such file or directory" in error
+        assert PASSWORD not in error
+
+
+@pytest.mark.parametrize("url", ["unix://", "unix://:hunter2@?db=2"])
+def test_unix_url_without_a_socket_path_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="socket path is missing") as caught:
+        ledger_from_url(url)
+
+    assert mask_url(url) in str(caught.value)
+    assert "hunter2" not in str(caught.value)

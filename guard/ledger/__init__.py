@@ -1,8 +1,9 @@
 """The spend ledger: the one component that holds money state (reservations, spend, live calls).
 
 ``ledger_from_url`` builds a ``RedisLedger`` for a store URL (``redis://``, ``rediss://``,
-``redis+sentinel://``, ``redis+cluster://``, ``memory://``); ``guard.ledger.types`` is the whole
-vocabulary it shares with the engine; ``guard.ledger.keys`` documents the Redis key schema.
+``unix://``, ``redis+sentinel://``, ``redis+cluster://``, ``memory://``); ``guard.ledger.types``
+is the whole vocabulary it shares with the engine; ``guard.ledger.keys`` documents the Redis key
+schema.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ the next command connects again. A peer that vanished without closing (no reply 
 FLUSH``, a restart or a failover) is answered by ``EVAL`` with the source, which caches it again.
 Nothing is retried otherwise: a script sent twice could run twice.
 
-Scope: a single Redis over TCP (``redis://``), with ``AUTH`` and ``SELECT``. TLS, Sentinel and
-Cluster keep using redis-py (``guard.ledger.storage``).
+Scope: a single Redis over TCP (``redis://``) or a Unix socket (``unix://``), with ``AUTH`` and
+``SELECT``. TLS, Sentinel and Cluster keep using redis-py (``guard.ledger.storage``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
 #: Default seconds a command may wait for its reply before the connection counts as lost.
 STALE_AFTER = 2.0
 
 Argument = str | int
+#: ``(host, port)`` of a TCP server, or the path of a Unix socket.
+Address = tuple[str, int] | str
 #: hiredis's own stub types it as taking a 1-tuple.
 _pack_command = cast("Callable[[tuple[Argument | bytes, ...]], bytes]", hiredis.pack_command)
 
@@ -72,7 +74,7 @@ class _RespProtocol(asyncio.Protocol):
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCP transport has Transport's methods without being its subclass.
+        # uvloop's TCP and Unix transports have Transport's methods without being its subclass.
         self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -136,15 +138,17 @@ class MultiplexedConnection:
 
     def __init__(
         self,
-        host: str,
+        host: str = "localhost",
         port: int = 6379,
         *,
+        path: str | None = None,
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
         stale_after: float = STALE_AFTER,
     ) -> None:
-        self._address = (host, port)
+        """To ``host``:``port`` over TCP, or to the Unix socket ``path`` if one is given."""
+        self._address: Address = (host, port) if path is None else path
         self._db = db
         self._username = username
         self._password = password
@@ -155,13 +159,20 @@ class MultiplexedConnection:
 
     @classmethod
     def from_url(cls, url: str, *, stale_after: float = STALE_AFTER) -> MultiplexedConnection:
-        """From a ``redis://`` URL (redis-py's syntax); ``ValueError`` for any other scheme."""
+        """From a ``redis://`` or ``unix://`` URL (redis-py's syntax); ``ValueError`` for any
+        other scheme, or a ``unix://`` URL without a socket path."""
         options = parse_url(url)
-        if "connection_class" in options:
-            raise ValueError("only redis:// URLs can be multiplexed (not TLS or Unix sockets)")
+        path: str | None = None
+        if options.get("connection_class") is UnixDomainSocketConnection:
+            path = options.get("path")
+            if not path:
+                raise ValueError("the Unix socket path is missing (unix:///path/to/redis.sock)")
+        elif "connection_class" in options:
+            raise ValueError("only redis:// and unix:// URLs can be multiplexed (not TLS)")
         return cls(
             options.get("host", "localhost"),
             int(options.get("port", 6379)),
+            path=path,
             db=int(options.get("db", 0)),
             username=options.get("username"),
             password=options.get("password"),
@@ -215,7 +226,13 @@ class MultiplexedConnection:
             ) from None
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _RespProtocol:
-        _, protocol = await loop.create_connection(lambda: _RespProtocol(loop), *self._address)
+        def factory() -> _RespProtocol:
+            return _RespProtocol(loop)
+
+        if isinstance(self._address, str):
+            _, protocol = await loop.create_unix_connection(factory, self._address)
+        else:
+            _, protocol = await loop.create_connection(factory, *self._address)
         try:
             if self._password is not None:
                 user = (self._username,) if self._username else ()

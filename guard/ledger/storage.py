@@ -5,6 +5,8 @@
 
 - ``redis://[[user]:password@]host[:port][/db][?options]`` and ``rediss://`` (TLS); options as
   in redis-py's ``from_url`` (e.g. ``ssl_ca_certs``).
+- ``unix://[[user]:password@]/path/to/redis.sock[?db=N][&password=…]``: a Redis on this host,
+  through its Unix socket (less kernel work per round trip than loopback TCP).
 - ``redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/service_name[/db]``: the
   master of ``service_name`` as the Sentinels report it (port 26379 by default); the password is
   the master's.
@@ -63,7 +65,7 @@ _REDIS_PORT = 6379
 class _Backend:
     client: RedisClient
     also_close: Sequence[Closable] = field(default_factory=tuple)
-    #: Runs the Lua scripts on one multiplexed connection (plain ``redis://`` only).
+    #: Runs the Lua scripts on one multiplexed connection (``redis://`` and ``unix://`` only).
     scripts: MultiplexedConnection | None = None
 
 
@@ -108,7 +110,7 @@ def _redis(url: str, timeout: float) -> _Backend:
 
 
 def _redis_multiplexed(url: str, timeout: float) -> _Backend:
-    """``_redis``, with the scripts on a multiplexed connection (plain TCP only)."""
+    """``_redis``, with the scripts on a multiplexed connection (plain TCP or Unix socket)."""
     return dataclasses.replace(_redis(url, timeout), scripts=MultiplexedConnection.from_url(url))
 
 
@@ -162,6 +164,7 @@ def _memory(url: str, timeout: float) -> _Backend:
 BACKENDS: dict[str, Callable[[str, float], _Backend]] = {
     "redis": _redis_multiplexed,
     "rediss": _redis,
+    "unix": _redis_multiplexed,
     "redis+sentinel": _sentinel,
     "redis+cluster": _cluster,
     "memory": _memory,
