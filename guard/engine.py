@@ -106,19 +106,6 @@ class SnapshotHolder:
         self.last_error_at: float = 0.0
         self.clock = clock
 
-    async def reload_forever(
-        self,
-        build: Callable[[], Snapshot],
-        version: Callable[[], Awaitable[int]],
-        interval: float,
-    ) -> None:
-        """Rebuild (in a thread) whenever ``version()`` differs from the current snapshot's, or
-        a temporary limit raise it applies has ended."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.reload_if_changed(build, version)
-            honour_cancellation()
-
     async def reload_if_changed(
         self, build: Callable[[], Snapshot], version: Callable[[], Awaitable[int]]
     ) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine as SqlEngine
 
+from guard import heap
 from guard.agi.routes import GuardRoutes
 from guard.agi.server import AGIServer
 from guard.aio import honour_cancellation
@@ -65,6 +66,8 @@ class Services:
     alerts: AlertDispatcher
     #: The shadow counters (``guard.shadow``), beside ``ledger`` on the same store.
     shadow_ledger: RedisLedger
+    #: A long-running server keeps each new snapshot out of full collections (``guard.heap``).
+    freeze_heap: bool = False
 
     @property
     def memory_store(self) -> bool:
@@ -99,7 +102,9 @@ class Services:
             async def version(ask: bool = ask_sql) -> int:
                 return await self.config_version(ask_sql=ask)
 
-            await self.snapshots.reload_if_changed(self.rebuild_snapshot, version)
+            reloaded = await self.snapshots.reload_if_changed(self.rebuild_snapshot, version)
+            if reloaded and self.freeze_heap:
+                heap.freeze_after_reload()
             honour_cancellation()
 
     async def close(self) -> None:
@@ -308,13 +313,16 @@ async def serve(
     reuse_port: bool = False,
     agi: bool = True,
     ari: bool = False,
+    long_lived: bool = False,
 ) -> None:
     """``guard serve``: FastAGI on the configured addresses until SIGTERM, then drain.
 
     ``reuse_port``: listen with ``SO_REUSEPORT``, as each of several workers does
     (``guard.workers``). ``ari``: also run the Stasis app and the interval extender over
     ``GUARD_ARI_URL`` (``guard serve --ari``); ``agi=False, ari=True`` is ``guard ari``. Refused
-    ARI credentials stop the service with ``AriAuthError``.
+    ARI credentials stop the service with ``AriAuthError``. ``long_lived``: this process is the
+    server and nothing else (``guard serve``, not a test): once serving, keep its objects out of
+    the collector's full collections (``guard.heap``).
     """
     if ari and not settings.ari_enabled:
         ari_client(settings)  # raises ConfigurationError naming the settings
@@ -341,6 +349,10 @@ async def serve(
         ):
             if server is not None:
                 await server.start()
+            frozen = 0
+            if long_lived:
+                services.freeze_heap = True
+                frozen = heap.freeze_after_startup()
             log.info(
                 "guard serving",
                 extra=log_fields(
@@ -349,6 +361,7 @@ async def serve(
                     store=services.ledger.url,
                     config_version=services.snapshots.current.version,
                     tenants=len(services.snapshots.current.tenants),
+                    frozen_objects=frozen,
                 ),
             )
             if started is not None:

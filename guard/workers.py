@@ -71,7 +71,7 @@ def serve_forever(
     ``ari`` (one worker only) also runs the Stasis app, which must exist once per Asterisk.
     """
     if workers == 1:
-        run(serve(settings, drain_seconds=drain_seconds, ari=ari))
+        run(serve(settings, drain_seconds=drain_seconds, ari=ari, long_lived=True))
         return 0
     if ari:
         raise ConfigurationError(
@@ -183,7 +183,7 @@ class Supervisor:
             if _die_with_parent(self._pid):
                 log.info("guard worker started", extra=log_fields(worker=index, pid=os.getpid()))
                 settings = worker_settings(self._settings, index)
-                run(serve(settings, drain_seconds=self._drain, reuse_port=True))
+                run(serve(settings, drain_seconds=self._drain, reuse_port=True, long_lived=True))
         except (ConfigurationError, OSError) as exc:
             # A bad setting or an address that cannot be bound: no restart will mend it.
             log.error("guard worker cannot start", extra=log_fields(worker=index, error=str(exc)))

@@ -200,4 +200,4 @@ def ari(state: CliState) -> None:
     setup_logging(settings.log_format, settings.log_level)
     if state.memory_store:
         click.echo(f"\n*** WARNING: {MEMORY_WARNING} ***\n", err=True)
-    asyncio.run(service.serve(settings, agi=False, ari=True))
+    asyncio.run(service.serve(settings, agi=False, ari=True, long_lived=True))
