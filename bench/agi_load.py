@@ -390,8 +390,12 @@ def compare(args: argparse.Namespace, workdir: Path, database_url: str) -> dict[
         )
     ]
     rows: dict[str, list[Measurement]] = {}
+    # The VM's speed drifts by tens of % between minutes: a target is compared with the bare
+    # responder of its own run (measured minutes apart at most), and the ratios' median is shown.
+    ratios: dict[str, list[tuple[float, float]]] = {}
     phases = [(0.0, target) for target in saturation] + paced
     for _ in range(args.runs):
+        bare_now: Measurement | None = None
         for rate, target in phases:
             try:
                 result = measure(
@@ -409,15 +413,25 @@ def compare(args: argparse.Namespace, workdir: Path, database_url: str) -> dict[
                 continue
             _print(result)
             load = f"{rate:g} calls/s" if rate else "saturation"
-            rows.setdefault(f"{target.name} | {load}", []).append(result)
+            name = f"{target.name} | {load}"
+            rows.setdefault(name, []).append(result)
+            if not rate and target.command is None:
+                bare_now = result
+            elif not rate and bare_now is not None:
+                ratios.setdefault(name, []).append(
+                    (
+                        result.sessions_per_s / bare_now.sessions_per_s,
+                        result.server_cpu_us_per_session / bare_now.server_cpu_us_per_session,
+                    )
+                )
     bare = _median(rows["bare responder | saturation"], lambda r: r.sessions_per_s)
-    table = [Row.of(name, results, bare) for name, results in rows.items()]
+    table = [Row.of(name, results, ratios.get(name)) for name, results in rows.items()]
     print(f"\nmedians over {args.runs} runs (bare responder: {bare:.0f} sessions/s)")
     print(
         "| server | load | sessions/s | vs bare | authorize p50 / p95 / p99 ms | settle p99 ms"
-        " | server CPU µs/session | errors |"
+        " | server CPU µs/session | CPU vs bare | errors |"
     )
-    print("|---|---|---:|---:|---|---:|---:|---:|")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     for row in table:
         print(row.markdown())
     return {
@@ -434,39 +448,52 @@ class Row:
     load: str
     runs: int
     sessions_per_s: float
+    #: Median over the runs of sessions/s ÷ the same run's bare responder (saturation only).
     vs_bare: float | None
     authorize_p50_ms: float
     authorize_p95_ms: float
     authorize_p99_ms: float
     settle_p99_ms: float
     server_cpu_us_per_session: float
+    #: Median over the runs of CPU per session ÷ the same run's bare responder's.
+    cpu_vs_bare: float | None
     errors: int
 
     @staticmethod
-    def of(name: str, results: Sequence[Measurement], bare: float) -> Row:
+    def of(
+        name: str, results: Sequence[Measurement], ratios: Sequence[tuple[float, float]] | None
+    ) -> Row:
         server, load = name.split(" | ")
-        rate = _median(results, lambda r: r.sessions_per_s)
+        bare = server == "bare responder" and load == "saturation"
+
+        def median_ratio(index: int) -> float | None:
+            if bare:
+                return 1.0
+            return round(statistics.median(r[index] for r in ratios), 3) if ratios else None
+
         return Row(
             server=server,
             load=load,
             runs=len(results),
-            sessions_per_s=rate,
-            vs_bare=round(rate / bare, 3) if load == "saturation" and bare else None,
+            sessions_per_s=_median(results, lambda r: r.sessions_per_s),
+            vs_bare=median_ratio(0),
             authorize_p50_ms=_median(results, lambda r: r.authorize.p50),
             authorize_p95_ms=_median(results, lambda r: r.authorize.p95),
             authorize_p99_ms=_median(results, lambda r: r.authorize.p99),
             settle_p99_ms=_median(results, lambda r: r.settle.p99),
             server_cpu_us_per_session=_median(results, lambda r: r.server_cpu_us_per_session),
+            cpu_vs_bare=median_ratio(1),
             errors=sum(len(r.errors) for r in results),
         )
 
     def markdown(self) -> str:
         ratio = "-" if self.vs_bare is None else f"{self.vs_bare:.0%}"
+        cpu = "-" if self.cpu_vs_bare is None else f"{self.cpu_vs_bare:.2f}×"
         return (
             f"| {self.server} | {self.load} | {self.sessions_per_s:.0f} | {ratio} | "
             f"{self.authorize_p50_ms:.2f} / {self.authorize_p95_ms:.2f} / "
             f"{self.authorize_p99_ms:.2f} | {self.settle_p99_ms:.2f} | "
-            f"{self.server_cpu_us_per_session:.0f} | {self.errors} |"
+            f"{self.server_cpu_us_per_session:.0f} | {cpu} | {self.errors} |"
         )
 
 
