@@ -12,6 +12,7 @@ operation names), never tenant names or anything from the network, so the series
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -53,6 +54,10 @@ LATENCY_BUCKETS = (
 )
 
 
+#: How often ``ServeMetrics.measure_loop_lag`` wakes up to see how late the event loop runs.
+LOOP_LAG_INTERVAL = 0.25
+
+
 class ServeMetrics:
     """The metrics of one ``guard serve`` process, on their own registry."""
 
@@ -79,6 +84,12 @@ class ServeMetrics:
             registry=r,
         )
         self.events = Counter("guard_events", "Events emitted, by kind", ["kind"], registry=r)
+        self.loop_lag_seconds = Histogram(
+            "guard_event_loop_lag_seconds",
+            "How late a timer of the event loop fired: every call waited as long then",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._gauges: dict[str, Gauge] = {}
 
     def _gauge(self, name: str, documentation: str) -> Gauge:
@@ -125,6 +136,16 @@ class ServeMetrics:
         self._gauge("guard_agi_sessions", "FastAGI sessions being served right now").set_function(
             lambda: server.active_sessions
         )
+
+    async def measure_loop_lag(self, interval: float = LOOP_LAG_INTERVAL) -> None:
+        """Sleep ``interval`` over and over and record how late each wake-up came, until
+        cancelled. A slow authorize with little lag was waiting on Redis or the network; a lag
+        as long as the slow authorize means this process's loop was busy or not scheduled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asleep = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag_seconds.observe(max(0.0, loop.time() - asleep - interval))
 
     def render(self) -> bytes:
         """The exposition text of every metric."""

@@ -177,8 +177,8 @@ def build_services(settings: Settings) -> Services:
 
 @contextlib.asynccontextmanager
 async def background(services: Services) -> AsyncIterator[None]:
-    """Run the reloader, the sweeper, the audit writer, the event feed, the perimeter refresher
-    and the alert sender for the block."""
+    """Run the reloader, the sweeper, the audit writer, the event feed, the perimeter refresher,
+    the alert sender and the loop-lag probe for the block."""
     tasks: list[asyncio.Task[Any]] = [
         asyncio.create_task(services.reload_forever(), name="reloader"),
         asyncio.create_task(
@@ -190,6 +190,7 @@ async def background(services: Services) -> AsyncIterator[None]:
         asyncio.create_task(services.feed.run(), name="event-feed"),
         asyncio.create_task(services.perimeter.refresh_forever(), name="perimeter"),
         asyncio.create_task(services.alerts.run(), name="alerts"),
+        asyncio.create_task(services.metrics.measure_loop_lag(), name="loop-lag"),
     ]
     try:
         yield

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -123,6 +124,25 @@ async def test_snapshot_queues_and_sessions_are_exported(ledger: RedisLedger) ->
     assert value(found, "guard_feed_pending") == 0 and value(found, "guard_audit_dropped") == 0
 
 
+async def test_a_busy_event_loop_shows_as_lag(ledger: RedisLedger) -> None:
+    _, metrics, _ = metered(ledger)
+    probe = asyncio.create_task(metrics.measure_loop_lag(interval=0.01))
+    try:
+        await asyncio.sleep(0.05)  # a few quiet wake-ups
+        time.sleep(0.08)  # noqa: ASYNC251 - the point: a handler that blocks the loop
+        await asyncio.sleep(0.05)
+    finally:
+        probe.cancel()
+        await asyncio.gather(probe, return_exceptions=True)
+    found = samples(metrics)
+    count = value(found, "guard_event_loop_lag_seconds_count")
+    assert count >= 3
+    # The wake-up due during the block came ~70 ms late (the others about on time, unless
+    # the host itself stalled).
+    assert value(found, "guard_event_loop_lag_seconds_sum") >= 0.06
+    assert value(found, "guard_event_loop_lag_seconds_bucket", le="0.05") <= count - 1
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -166,6 +186,7 @@ async def test_guard_serve_answers_metrics_on_its_own_port(
         "guard_agi_sessions",
         "guard_snapshot_age_seconds",
         "guard_snapshot_build_seconds",
+        "guard_event_loop_lag_seconds",
     } <= names
 
 
