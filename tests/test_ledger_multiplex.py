@@ -889,7 +889,7 @@ def test_unix_url_credentials_authenticate_both_clients(
         ),
         # Redis refuses a long command from an unauthenticated client before it says NOAUTH.
         pytest.param(
-            "", "", "ResponseError: ERR Protocol error: unauthenticated", id="no-password"
+            "", "", "AuthenticationError: .* requires a password; the URL gives none", id="no-pw"
         ),
     ],
 )

@@ -48,6 +48,10 @@ def _error(reply: hiredis.ReplyError) -> RedisError:
         return NoScriptError(message)
     if message.startswith(("NOAUTH", "WRONGPASS")):
         return AuthenticationError(message)
+    if "Protocol error: unauthenticated" in message:
+        # Redis's answer to a long command (a script call) from a client that has not
+        # authenticated, sent before it would say NOAUTH: the URL has no password.
+        return AuthenticationError(f"{message} (Redis requires a password; the URL gives none)")
     return ResponseError(message)
 
 
