@@ -429,9 +429,9 @@ def compare(args: argparse.Namespace, workdir: Path, database_url: str) -> dict[
     print(f"\nmedians over {args.runs} runs (bare responder: {bare:.0f} sessions/s)")
     print(
         "| server | load | sessions/s | vs bare | authorize p50 / p95 / p99 ms | settle p99 ms"
-        " | server CPU µs/session | CPU vs bare | errors |"
+        " | server CPU µs/session | CPU vs bare | Redis CPU µs/session | errors |"
     )
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for row in table:
         print(row.markdown())
     return {
@@ -457,6 +457,8 @@ class Row:
     server_cpu_us_per_session: float
     #: Median over the runs of CPU per session ÷ the same run's bare responder's.
     cpu_vs_bare: float | None
+    #: Redis's own CPU per session (0 for the servers that do not use it).
+    redis_cpu_us_per_session: float
     errors: int
 
     @staticmethod
@@ -483,17 +485,19 @@ class Row:
             settle_p99_ms=_median(results, lambda r: r.settle.p99),
             server_cpu_us_per_session=_median(results, lambda r: r.server_cpu_us_per_session),
             cpu_vs_bare=median_ratio(1),
+            redis_cpu_us_per_session=_median(results, lambda r: r.redis_cpu_us_per_session),
             errors=sum(len(r.errors) for r in results),
         )
 
     def markdown(self) -> str:
         ratio = "-" if self.vs_bare is None else f"{self.vs_bare:.0%}"
         cpu = "-" if self.cpu_vs_bare is None else f"{self.cpu_vs_bare:.2f}×"
+        redis_cpu = f"{self.redis_cpu_us_per_session:.0f}" if self.redis_cpu_us_per_session else "-"
         return (
             f"| {self.server} | {self.load} | {self.sessions_per_s:.0f} | {ratio} | "
             f"{self.authorize_p50_ms:.2f} / {self.authorize_p95_ms:.2f} / "
             f"{self.authorize_p99_ms:.2f} | {self.settle_p99_ms:.2f} | "
-            f"{self.server_cpu_us_per_session:.0f} | {cpu} | {self.errors} |"
+            f"{self.server_cpu_us_per_session:.0f} | {cpu} | {redis_cpu} | {self.errors} |"
         )
 
 
