@@ -2,8 +2,9 @@
 
 CPython's collector now and then walks every object in its oldest generation. In ``guard
 serve`` that generation holds the modules, the engine and, above all, the configuration
-snapshot: with a 1M-row rate deck a full collection took 80 to 180 ms, and with only the
-libraries loaded about 100 ms on the benchmark machine. Every call waiting on the event loop
+snapshot: with 10k tenants and 100k extensions a full collection took ~110 ms (240 ms for the
+first), and with only the libraries loaded about 100 ms on the benchmark machine. (Rate decks
+are stored column by column and add few objects.) Every call waiting on the event loop
 during such a walk waits that long (it was the worst authorize latency of ``bench/agi_load.py``).
 
 ``gc.freeze()`` moves every object the collector tracks into a permanent generation that no

@@ -6,7 +6,7 @@
 - ``redis://[[user]:password@]host[:port][/db][?options]`` and ``rediss://`` (TLS); options as
   in redis-py's ``from_url`` (e.g. ``ssl_ca_certs``).
 - ``unix://[[user]:password@]/path/to/redis.sock[?db=N][&password=…]``: a Redis on this host,
-  through its Unix socket (less kernel work per round trip than loopback TCP).
+  through its Unix socket (for a Redis that listens on no TCP port).
 - ``redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/service_name[/db]``: the
   master of ``service_name`` as the Sentinels report it (port 26379 by default); the password is
   the master's.
