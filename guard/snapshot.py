@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Network, IPv6Network
-from typing import cast
+from typing import Final, cast
 
 from guard.domain import CountryMode, DestinationClass, FailMode, Rate, ReservationMode, UaLockMode
 
@@ -21,6 +21,26 @@ IPNetwork = IPv4Network | IPv6Network
 DEFAULT_EMERGENCY_NUMBERS = frozenset(
     {"112", "911", "999", "000", "110", "118", "119", "15", "17", "18"}
 )
+
+#: The profiles every new tenant gets; an extension without a profile gets ``domestic``.
+DEFAULT_PROFILES: Final[dict[str, tuple[DestinationClass, ...]]] = {
+    "domestic": (
+        DestinationClass.EMERGENCY,
+        DestinationClass.LOCAL,
+        DestinationClass.NATIONAL,
+        DestinationClass.MOBILE,
+        DestinationClass.TOLLFREE,
+    ),
+    "international": (
+        DestinationClass.EMERGENCY,
+        DestinationClass.LOCAL,
+        DestinationClass.NATIONAL,
+        DestinationClass.MOBILE,
+        DestinationClass.TOLLFREE,
+        DestinationClass.INTERNATIONAL,
+    ),
+}
+DEFAULT_PROFILE = "domestic"
 
 #: User-Agent fragments of known SIP scanners, matched case-insensitively as substrings.
 DEFAULT_SCANNER_PATTERNS: tuple[str, ...] = (

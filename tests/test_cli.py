@@ -15,8 +15,8 @@ import click
 import pytest
 from cli_support import LONDON, PARIS, GuardCli
 
+from guard import workers
 from guard.cli import cli as root
-from guard.cli import serve as cli_serve
 from guard.config.db import make_engine
 from guard.config.repository import read_version
 from guard.domain import DestinationClass, Rate
@@ -75,7 +75,9 @@ def _csv(tmp_path: Path, text: str, name: str = "rates.csv") -> str:
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # not group.commands: the root loads them lazily
+        command = group.get_command(ctx, name)
         yield (*prefix, name)
         if isinstance(command, click.Group):
             yield from _commands(command, (*prefix, name))
@@ -480,7 +482,7 @@ def test_serve_runs_the_service_with_the_given_addresses(
         calls.append((settings, drain_seconds))
         return 0
 
-    monkeypatch.setattr(cli_serve, "serve_forever", fake_serve)
+    monkeypatch.setattr(workers, "serve_forever", fake_serve)  # imported when serve runs
     guard.run("serve", "--listen", "0.0.0.0:4573", "--listen", "[::1]:4574", "--drain-seconds", "3")
     settings, drain = calls[0]
     assert settings.agi_listen == (("0.0.0.0", 4573), ("::1", 4574))

@@ -2,66 +2,57 @@
 
 To add commands, write ``guard/cli/<name>.py`` exposing a click command or group (use the helpers
 of ``guard.cli.common``: ``pass_state``, ``json_option``, ``CliState.changed`` after writes) and
-append it to ``COMMANDS``. Errors from ``guard.errors`` raised by any command become one
+add it to ``COMMANDS``. Errors from ``guard.errors`` raised by any command become one
 ``error: …`` line and exit status 1 or 2 (see ``GuardGroup``).
+
+``guard`` starts fast, for operators at a prompt and for scripts: the root group imports a
+command's module only when that command runs or the help lists it (``LazyGroup``), and the command
+modules import SQLAlchemy, Redis, aiohttp and the service only inside the functions that use
+them. Keep it so: tests/test_cli_startup.py checks what ``guard --help`` imports.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 import click
 
 import guard
-from guard.cli import (
-    block,
-    calls,
-    check,
-    config,
-    counters,
-    dashboard,
-    db,
-    demo,
-    doctor,
-    emergency,
-    ext,
-    net,
-    perimeter,
-    profile,
-    rates,
-    replay,
-    scanner,
-    serve,
-    tenant,
-    window,
-)
 from guard.cli.common import CONTEXT_SETTINGS, CliState, GuardGroup
 
-COMMANDS: tuple[click.Command, ...] = (
-    db.db,
-    tenant.tenant,
-    ext.ext,
-    net.net,
-    window.window,
-    profile.profile,
-    block.block,
-    emergency.emergency,
-    scanner.scanner,
-    rates.rates,
-    check.check,
-    serve.serve,
-    serve.sweep,
-    config.config,
-    demo.demo,
-    doctor.doctor,
-    replay.replay,
-    counters.counters,
-    dashboard.dashboard,
-    calls.calls,
-    calls.ari,
-    *perimeter.COMMANDS,
-)
+#: Every command of the root group: its name -> ``"module:attribute"`` of the click command.
+COMMANDS: Final[dict[str, str]] = {
+    "db": "guard.cli.db:db",
+    "tenant": "guard.cli.tenant:tenant",
+    "ext": "guard.cli.ext:ext",
+    "net": "guard.cli.net:net",
+    "window": "guard.cli.window:window",
+    "profile": "guard.cli.profile:profile",
+    "block": "guard.cli.block:block",
+    "emergency": "guard.cli.emergency:emergency",
+    "scanner": "guard.cli.scanner:scanner",
+    "rates": "guard.cli.rates:rates",
+    "check": "guard.cli.check:check",
+    "serve": "guard.cli.serve:serve",
+    "sweep": "guard.cli.serve:sweep",
+    "config": "guard.cli.config:config",
+    "demo": "guard.cli.demo:demo",
+    "doctor": "guard.cli.doctor:doctor",
+    "replay": "guard.cli.replay:replay",
+    "counters": "guard.cli.counters:counters",
+    "dashboard": "guard.cli.dashboard:dashboard",
+    "calls": "guard.cli.calls:calls",
+    "ari": "guard.cli.calls:ari",
+    "ip": "guard.cli.perimeter:ip",
+    "threat": "guard.cli.perimeter:threat",
+    "geoip": "guard.cli.perimeter:geoip",
+    "events": "guard.cli.perimeter:events",
+    "alerts": "guard.cli.perimeter:alerts",
+    "raises": "guard.cli.perimeter:raises",
+}
 
 
-@click.group("guard", cls=GuardGroup, context_settings=CONTEXT_SETTINGS)
+@click.group("guard", cls=GuardGroup, lazy_commands=COMMANDS, context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--database-url",
     metavar="URL",
@@ -97,10 +88,6 @@ def cli(ctx: click.Context, database_url: str | None, redis_url: str | None) -> 
     state = CliState({key: value for key, value in overrides.items() if value is not None})
     ctx.obj = state
     ctx.call_on_close(state.close)
-
-
-for _command in COMMANDS:
-    cli.add_command(_command)
 
 
 def main() -> None:

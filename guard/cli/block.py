@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from guard.cli.common import (
@@ -15,9 +17,10 @@ from guard.cli.common import (
     tenant_option,
     to_money,
 )
-from guard.config import repository
-from guard.config.repository import RuleInfo
 from guard.domain import DestinationClass
+
+if TYPE_CHECKING:
+    from guard.config.repository import RuleInfo
 
 
 @click.group()
@@ -85,6 +88,8 @@ def add(
       guard block add --class premium --max-rate 0.50 --tenant acme
       guard block add --max-rate 2
     """
+    from guard.config import repository
+
     info = repository.add_rule(
         state.sql,
         actor=state.actor,
@@ -116,6 +121,8 @@ def _matches(info: RuleInfo) -> str:
 @pass_state
 def remove(state: CliState, rule_id: int) -> None:
     """Delete rule ID (as `guard block list` shows it)."""
+    from guard.config import repository
+
     repository.remove_rule(state.sql, rule_id, actor=state.actor)
     state.changed()
     click.echo(f"removed rule {rule_id}")
@@ -127,6 +134,8 @@ def remove(state: CliState, rule_id: int) -> None:
 @pass_state
 def list_(state: CliState, tenant: str | None, as_json: bool) -> None:
     """List the rules that apply: a tenant's own, then the global ones."""
+    from guard.config import repository
+
     rules = repository.list_rules(state.sql, tenant=tenant) if tenant is not None else []
     rules += repository.list_rules(state.sql)
     if as_json:

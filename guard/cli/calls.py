@@ -8,13 +8,10 @@ channel can be hung up over ARI. Every hang-up an admin asks for is recorded in 
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from guard import service
-from guard.calls import HangupIncomplete, hangup_calls, hangup_channels
 from guard.cli.common import (
     MEMORY_STORE_NOTE,
     CliState,
@@ -29,12 +26,11 @@ from guard.cli.common import (
     tenant_option,
     when,
 )
-from guard.config import repository
-from guard.config.db import session_scope
-from guard.ledger import RedisLedger
-from guard.ledger.storage import MEMORY_WARNING
 from guard.ledger.types import LiveCall
 from guard.logs import setup_logging
+
+if TYPE_CHECKING:
+    from guard.ledger import RedisLedger
 
 
 @click.group()
@@ -79,6 +75,10 @@ def list_(state: CliState, tenant: str | None, extension: str | None, as_json: b
     MAX is how long the money reserved so far lets the call last; in interval mode it grows
     slice by slice up to CAP.
     """
+    import asyncio
+
+    from guard.config import repository
+
     _no_memory_store(state)
     tenants = [tenant] if tenant else [t.name for t in repository.list_tenants(state.sql)]
 
@@ -124,6 +124,13 @@ def hangup_live_calls(
 ) -> list[str]:
     """Hang up ``channel``, or the live calls of ``tenant`` (of one ``extension``), over ARI;
     audit it; return the channel ids hung up. ``Refused`` if some could not be."""
+    import asyncio
+
+    from guard import service
+    from guard.calls import HangupIncomplete, hangup_calls, hangup_channels
+    from guard.config import repository
+    from guard.config.db import session_scope
+
     if channel is None:
         _no_memory_store(state)
     settings = state.settings
@@ -169,6 +176,8 @@ def hangup(state: CliState, tenant: str | None, extension: str | None, channel: 
       guard calls hangup --tenant acme
       guard calls hangup --channel 1795292140.51
     """
+    from guard.config import repository
+
     if channel is None and tenant is None:
         raise click.UsageError("give --tenant (with or without --ext) or --channel")
     if channel is not None and extension is not None:
@@ -196,6 +205,11 @@ def ari(state: CliState) -> None:
     GUARD_ARI_USER and GUARD_ARI_PASSWORD (see dialplan/ari.conf and dialplan/http.conf). To
     serve FastAGI in the same process, run `guard serve --ari` instead.
     """
+    import asyncio
+
+    from guard import service
+    from guard.ledger.storage import MEMORY_WARNING
+
     settings = state.settings
     setup_logging(settings.log_format, settings.log_level)
     if state.memory_store:

@@ -11,11 +11,10 @@ go, with the verdict it would have had if enforced (``ShadowPreview``).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -36,15 +35,17 @@ from guard.cli.common import (
     when,
 )
 from guard.domain import CallAttempt, CheckOutcome, Decision, Reason, Result, UaLockMode
-from guard.engine import Preview
 from guard.errors import StorageError, ValidationError
-from guard.ledger import RedisLedger
-from guard.perimeter import Perimeter
 from guard.schedule import tenant_day, zone
-from guard.service import Services, build_services
 from guard.settings import Settings
 from guard.shadow import enforced_in_shadow, in_shadow, let_go
 from guard.snapshot import ExtensionConfig, TenantConfig
+
+if TYPE_CHECKING:
+    from guard.engine import Preview
+    from guard.ledger import RedisLedger
+    from guard.perimeter import Perimeter
+    from guard.service import Services
 
 CALL_ID = "guard-check"
 
@@ -182,6 +183,8 @@ def _limits_outcome(preview: Preview) -> CheckOutcome:
 
 async def dry_run(settings: Settings, attempt: CallAttempt, at: datetime | None) -> DryRun:
     """Decide ``attempt`` at ``at`` (now by default) as a live call would be, reserving nothing."""
+    from guard.service import build_services
+
     services = build_services(settings)
     try:
         perimeter_error = await refresh_perimeter(services.perimeter)
@@ -418,6 +421,8 @@ def check(
       guard check --tenant demo --ext 1001 --to 02079460000 --ip 192.0.2.10 \\
           --ua 'Yealink SIP-T46S' --at 2030-01-07T10:00
     """
+    import asyncio
+
     for field, value in (("tenant", tenant), ("ext", extension), ("to", number)):
         if not value:
             raise ValidationError(field, "must not be empty")

@@ -10,27 +10,28 @@ sub-units. Nothing here decides policy or computes money: it formats what the co
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import IO, Any, Final, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Final, TypeVar
 
 import click
-from sqlalchemy.engine import Engine as SqlEngine
 
-from guard.config.db import make_engine
-from guard.config.repository import UNSET, Keep, default_actor, read_version
 from guard.domain import Rate
 from guard.errors import ConfigurationError, GuardError, StorageError, ValidationError
-from guard.ledger import RedisLedger, ledger_from_url
-from guard.ledger.types import SpendCounters, TenantCounters
 from guard.money import format_money, parse_money
 from guard.schedule import tenant_day
-from guard.service import SQL_POLL_EVERY
 from guard.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine as SqlEngine
+
+    from guard.config.repository import Keep
+    from guard.ledger import RedisLedger
+    from guard.ledger.types import SpendCounters, TenantCounters
 
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -73,7 +74,46 @@ class Invalid(CliError):
     exit_code = EXIT_USAGE
 
 
-class GuardGroup(click.Group):
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when asked for (click's lazy loading).
+
+    ``lazy_commands`` maps each command name to ``"module:attribute"``. Listing the commands
+    imports nothing; ``get_command`` imports the module of the one asked for, so that running a
+    command loads that command's module only (help loads them all, for their short help).
+    """
+
+    def __init__(
+        self, *args: Any, lazy_commands: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy_commands.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as exc:
+            # click suggests the close names among ``self.commands``, which lacks the lazy ones.
+            raise click.exceptions.NoSuchCommand(
+                exc.command_name, possibilities=self.list_commands(ctx), ctx=ctx
+            ) from None
+
+
+class GuardGroup(LazyGroup):
     """The root group: Guard's expected errors from any subcommand become ``CliError``."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -117,12 +157,16 @@ class CliState:
     @property
     def sql(self) -> SqlEngine:
         if self._sql is None:
+            from guard.config.db import make_engine
+
             self._sql = make_engine(self.settings.database_url)
         return self._sql
 
     @property
     def actor(self) -> str:
         """Who is recorded in the audit log for the writes of this command."""
+        from guard.config.repository import default_actor
+
         return default_actor()
 
     @property
@@ -135,6 +179,8 @@ class CliState:
             self._sql = None
 
     def ledger(self) -> RedisLedger:
+        from guard.ledger import ledger_from_url
+
         settings = self.admin_settings
         return ledger_from_url(
             settings.redis_url, prefix=settings.redis_prefix, timeout=settings.redis_timeout
@@ -142,6 +188,7 @@ class CliState:
 
     def with_ledger(self, operation: Callable[[RedisLedger], Awaitable[_T]]) -> _T:
         """Run ``operation`` on a ledger opened for it; ``StorageError`` if the store fails."""
+        import asyncio
 
         async def run() -> _T:
             async with self.ledger() as ledger:
@@ -155,12 +202,16 @@ class CliState:
         Best effort: the guards also poll SQL, so an unreachable store only delays the reload
         (a warning says by how much). With ``memory://`` there is nothing shared to bump.
         """
+        from guard.config.repository import read_version
+
         if self.memory_store:
             return
         version = read_version(self.sql)
         try:
             self.with_ledger(lambda ledger: ledger.bump_config_version(version))
         except (StorageError, ConfigurationError) as exc:
+            from guard.service import SQL_POLL_EVERY
+
             delay = round(self.settings.reload_interval * SQL_POLL_EVERY)
             problem = str(exc).rstrip(".")
             warn(f"{problem}; running guards will notice the change from SQL within ~{delay} s")
@@ -228,6 +279,8 @@ def to_count_limit(_ctx: click.Context, param: click.Parameter, value: str | Non
 
 def keep(limit: Limit | None) -> Keep[int | None]:
     """An optional limit option → the repository's "leave as is" or the new value."""
+    from guard.config.repository import UNSET
+
     return UNSET if limit is None else limit.value
 
 

@@ -7,10 +7,9 @@ mode and nothing else, so every line of theirs is marked ``SHADOW``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,12 +26,12 @@ from guard.cli.common import (
     print_table,
     tenant_option,
 )
-from guard.config import repository
-from guard.config.repository import TenantInfo
-from guard.ledger import RedisLedger
 from guard.ledger.types import SpendCounters
 from guard.schedule import tenant_day
-from guard.service import shadow_ledger_for
+
+if TYPE_CHECKING:
+    from guard.config.repository import TenantInfo
+    from guard.ledger import RedisLedger
 
 LIVE = "live"
 SHADOW = "SHADOW"
@@ -70,6 +69,9 @@ async def read_lines(
     state: CliState, tenants: list[TenantInfo], *, shadow: bool
 ) -> list[CounterLine]:
     """Today's lines of ``tenants``: the live counters, then the shadow ones when asked."""
+    from guard.config import repository
+    from guard.service import shadow_ledger_for
+
     limits = {
         info.name: {
             ext.name: ext.daily_limit for ext in repository.list_extensions(state.sql, info.name)
@@ -103,6 +105,10 @@ def counters() -> None:
 @pass_state
 def show(state: CliState, tenant: str | None, shadow: bool, as_json: bool) -> None:
     """Show today's spend, reservations and live calls of each tenant and extension."""
+    import asyncio
+
+    from guard.config import repository
+
     if state.memory_store:
         raise Refused(MEMORY_STORE_NOTE)
     tenants = (

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import click
 
 from guard.cli.common import CliState, Refused, pass_state, warn
-from guard.dashboard.auth import hash_password
-from guard.dashboard.server import run_dashboard
 from guard.logs import setup_logging
 from guard.settings import Listen, parse_listen
 
@@ -46,6 +43,10 @@ def dashboard(ctx: click.Context, listen: Listen | None) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
+    import asyncio
+
+    from guard.dashboard.server import run_dashboard
+
     state = ctx.find_object(CliState)
     assert state is not None
     settings = state.settings
@@ -72,6 +73,8 @@ def hash_password_command(_state: CliState, from_stdin: bool) -> None:
 
     Only the hash goes into the settings; the password itself is never stored.
     """
+    from guard.dashboard.auth import hash_password
+
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from guard.cli.common import CliState, json_option, pass_state, print_fields, print_json
-from guard.config import db as store
 
 
 @click.group()
@@ -22,6 +21,8 @@ def upgrade(state: CliState, as_json: bool) -> None:
     Safe to run again (nothing to do at the newest revision) and before every start of a new
     Guard version. Prints the revision the store is at afterwards.
     """
+    from guard.config import db as store
+
     url = state.settings.database_url
     before = store.current_revision(url)
     store.upgrade(url)
@@ -38,6 +39,8 @@ def upgrade(state: CliState, as_json: bool) -> None:
 @pass_state
 def current(state: CliState, as_json: bool) -> None:
     """Show the revision the store is at, and whether it is the newest shipped."""
+    from guard.config import db as store
+
     url = state.settings.database_url
     revision, head = store.current_revision(url), store.head_revision()
     if as_json:

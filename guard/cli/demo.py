@@ -13,8 +13,6 @@ import click
 
 import guard
 from guard.cli.common import CliState, Refused, money, pass_state
-from guard.config import repository
-from guard.config.repository import ImportMode, parse_hours, parse_weekdays
 from guard.domain import DestinationClass, UaLockMode
 from guard.errors import NotFoundError
 from guard.money import parse_money
@@ -64,6 +62,8 @@ class _Steps:
 
 
 def _tenant(state: CliState, steps: _Steps) -> None:
+    from guard.config import repository
+
     try:
         repository.get_tenant(state.sql, DEMO)
     except NotFoundError:
@@ -86,6 +86,8 @@ def _tenant(state: CliState, steps: _Steps) -> None:
 
 
 def _extensions(state: CliState, steps: _Steps) -> None:
+    from guard.config import repository
+
     existing = {info.name for info in repository.list_extensions(state.sql, DEMO)}
     for name, profile, daily, ua_mode, pattern in EXTENSIONS:
         if name not in existing:
@@ -104,6 +106,8 @@ def _extensions(state: CliState, steps: _Steps) -> None:
 
 
 def _network(state: CliState, steps: _Steps) -> None:
+    from guard.config import repository
+
     existing = {info.cidr for info in repository.list_networks(state.sql, DEMO)}
     if OFFICE not in existing:
         repository.add_network(state.sql, DEMO, OFFICE, actor=state.actor, note="demo office")
@@ -111,6 +115,9 @@ def _network(state: CliState, steps: _Steps) -> None:
 
 
 def _windows(state: CliState, steps: _Steps) -> None:
+    from guard.config import repository
+    from guard.config.repository import parse_hours, parse_weekdays
+
     existing = {
         (w.weekday, w.start_minute, w.end_minute)
         for w in repository.list_windows(state.sql, DEMO)
@@ -127,6 +134,8 @@ def _windows(state: CliState, steps: _Steps) -> None:
 
 def _premium_profile(state: CliState, steps: _Steps) -> None:
     """The ``international`` profile of the demo may call premium numbers, under the cap."""
+    from guard.config import repository
+
     profile = next(
         p for p in repository.list_profiles(state.sql, tenant=DEMO) if p.name == "international"
     )
@@ -138,6 +147,8 @@ def _premium_profile(state: CliState, steps: _Steps) -> None:
 
 
 def _rules(state: CliState, steps: _Steps) -> None:
+    from guard.config import repository
+
     existing = {
         (rule.prefix, rule.dest_class, rule.max_rate)
         for rule in repository.list_rules(state.sql, tenant=DEMO)
@@ -163,6 +174,9 @@ def _rules(state: CliState, steps: _Steps) -> None:
 
 
 def _rates(state: CliState, steps: _Steps, deck: Path) -> None:
+    from guard.config import repository
+    from guard.config.repository import ImportMode
+
     count = next((d.rates for d in repository.list_decks(state.sql) if d.name == DEMO), 0)
     created = not count
     if created:

@@ -8,19 +8,13 @@ Exit status 1 when any check fails. It never prints a secret.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import click
 
 from guard.cli.common import CliState, json_option, pass_state, print_json, print_table
-from guard.config import db
-from guard.config.repository import read_version
 from guard.errors import GuardError
-from guard.ledger.storage import MEMORY_WARNING
-from guard.perimeter.geoip import database_status
-from guard.service import ari_client
 from guard.settings import Settings, mask_url
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -34,6 +28,9 @@ class Finding:
 
 
 def _sql(state: CliState) -> Finding:
+    from guard.config import db
+    from guard.config.repository import read_version
+
     url = mask_url(state.settings.database_url)
     try:
         current = db.current_revision(state.settings.database_url)
@@ -47,6 +44,8 @@ def _sql(state: CliState) -> Finding:
 
 
 def _store(state: CliState) -> Finding:
+    from guard.ledger.storage import MEMORY_WARNING
+
     if state.memory_store:
         return Finding("counter store", WARN, MEMORY_WARNING)
     try:
@@ -65,6 +64,8 @@ def _store(state: CliState) -> Finding:
 
 
 def _geoip(settings: Settings) -> Finding:
+    from guard.perimeter.geoip import database_status
+
     usable, words = database_status(settings.geoip_db, settings.geoip_mode)
     if usable:
         return Finding("geoip", OK, words)
@@ -72,6 +73,10 @@ def _geoip(settings: Settings) -> Finding:
 
 
 def _ari(settings: Settings) -> Finding:
+    import asyncio
+
+    from guard.service import ari_client
+
     if not settings.ari_enabled:
         return Finding(
             "ari", WARN, "not configured (GUARD_ARI_URL): no Stasis app, no live-call hangup"

@@ -12,7 +12,6 @@ from guard.cli.common import (
     print_table,
     tenant_option,
 )
-from guard.config import repository
 from guard.snapshot import DEFAULT_EMERGENCY_NUMBERS
 
 
@@ -31,6 +30,8 @@ def emergency() -> None:
 @pass_state
 def add(state: CliState, number: str, tenant: str | None) -> None:
     """Always allow NUMBER, exactly as dialed (e.g. 116117)."""
+    from guard.config import repository
+
     repository.add_emergency_number(state.sql, number, actor=state.actor, tenant=tenant)
     state.changed()
     click.echo(f"added emergency number {number} ({_owner(tenant)})")
@@ -42,6 +43,8 @@ def add(state: CliState, number: str, tenant: str | None) -> None:
 @pass_state
 def remove(state: CliState, number: str, tenant: str | None) -> None:
     """Stop treating NUMBER as an emergency number (the built-ins cannot be removed)."""
+    from guard.config import repository
+
     repository.remove_emergency_number(state.sql, number, actor=state.actor, tenant=tenant)
     state.changed()
     click.echo(f"removed emergency number {number} ({_owner(tenant)})")
@@ -53,6 +56,8 @@ def remove(state: CliState, number: str, tenant: str | None) -> None:
 @pass_state
 def list_(state: CliState, tenant: str | None, as_json: bool) -> None:
     """List the emergency numbers that apply: built-in, global, and a tenant's own."""
+    from guard.config import repository
+
     rows: list[tuple[str, str | None, bool]] = [
         (number, None, True) for number in sorted(DEFAULT_EMERGENCY_NUMBERS)
     ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -37,14 +37,16 @@ from guard.cli.common import (
     warn,
     when,
 )
-from guard.config import repository
-from guard.config.repository import DEFAULT_PROFILE, UNSET, ExtensionInfo
+from guard.cli.perimeter import ext_raise
 from guard.domain import UaLockMode
 from guard.errors import StorageError
-from guard.ledger import RedisLedger
 from guard.ledger.types import ExtensionState, SpendCounters
 from guard.schedule import tenant_day
-from guard.service import shadow_ledger_for
+from guard.snapshot import DEFAULT_PROFILE
+
+if TYPE_CHECKING:
+    from guard.config.repository import ExtensionInfo
+    from guard.ledger import RedisLedger
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -160,6 +162,8 @@ def add(
       guard ext add 1002 --tenant acme --profile international --daily 10 \\
           --ua-mode pin --ua-pattern 'Yealink*'
     """
+    from guard.config import repository
+
     info = repository.add_extension(
         state.sql,
         tenant,
@@ -209,6 +213,9 @@ def set_(
     Example:
       guard ext set 1001 --tenant acme --daily none --ua-mode learn
     """
+    from guard.config import repository
+    from guard.config.repository import UNSET
+
     info = repository.set_extension(
         state.sql,
         tenant,
@@ -263,6 +270,8 @@ def show(state: CliState, name: str, tenant: str, as_json: bool) -> None:
     The runtime state is the User-Agent learned so far, the runtime lock (set by `guard ext lock`
     or by a User-Agent change) and today's spend, reservations and live calls.
     """
+    from guard.config import repository
+
     info = repository.get_extension(state.sql, tenant, name)
     owner = repository.get_tenant(state.sql, tenant)
     runtime, problem = _runtime(state, tenant, name, owner.timezone)
@@ -316,6 +325,8 @@ def show(state: CliState, name: str, tenant: str, as_json: bool) -> None:
 @pass_state
 def list_(state: CliState, tenant: str, as_json: bool) -> None:
     """List the extensions of a tenant with their limits and locks (as configured)."""
+    from guard.config import repository
+
     extensions = repository.list_extensions(state.sql, tenant)
     if as_json:
         print_json([ext_json(info) for info in extensions])
@@ -343,6 +354,8 @@ def list_(state: CliState, tenant: str, as_json: bool) -> None:
 @pass_state
 def remove(state: CliState, name: str, tenant: str) -> None:
     """Delete extension NAME with its own networks and windows; its calls are then refused."""
+    from guard.config import repository
+
     repository.remove_extension(state.sql, tenant, name, actor=state.actor)
     state.changed()
     click.echo(f"removed extension {name} of tenant {tenant}")
@@ -369,6 +382,8 @@ def lock(state: CliState, name: str, tenant: str, reason: str, hangup: bool) -> 
     Locks in SQL, and at once in the counter store so that running guards refuse before they
     reload. Emergency numbers stay allowed. Calls in progress go on unless --hangup is given.
     """
+    from guard.config import repository
+
     repository.lock_extension(state.sql, tenant, name, actor=state.actor, reason=reason)
     state.changed()
     click.echo(f"locked extension {name} of tenant {tenant}: {reason}")
@@ -399,6 +414,9 @@ def unlock(state: CliState, name: str, tenant: str, forget_ua: bool) -> None:
     Exit status 1 if the counter store could not be reached (the SQL lock is lifted anyway:
     run it again).
     """
+    from guard.config import repository
+    from guard.service import shadow_ledger_for
+
     repository.unlock_extension(state.sql, tenant, name, actor=state.actor, relearn=forget_ua)
     state.changed()
     if state.memory_store:
@@ -421,3 +439,7 @@ def unlock(state: CliState, name: str, tenant: str, forget_ua: bool) -> None:
     runtime = "the runtime lock lifted" if was_locked else "it had no runtime lock"
     learned = "; the next User-Agent will be learned" if forget_ua else ""
     click.echo(f"unlocked extension {name} of tenant {tenant} ({runtime}{learned})")
+
+
+# `guard ext raise` is defined in guard.cli.perimeter, with the other limit raises.
+ext.add_command(ext_raise)

@@ -13,7 +13,6 @@ from guard.cli.common import (
     print_table,
     tenant_option,
 )
-from guard.config import repository
 
 
 @click.group()
@@ -39,6 +38,8 @@ def add(state: CliState, cidr: str, tenant: str, extension: str | None, note: st
     Example:
       guard net add 192.0.2.0/24 --tenant acme --note office
     """
+    from guard.config import repository
+
     info = repository.add_network(
         state.sql, tenant, cidr, actor=state.actor, extension=extension, note=note
     )
@@ -53,6 +54,8 @@ def add(state: CliState, cidr: str, tenant: str, extension: str | None, note: st
 @pass_state
 def remove(state: CliState, cidr: str, tenant: str, extension: str | None) -> None:
     """Stop allowing network CIDR (exactly as listed by `guard net list`)."""
+    from guard.config import repository
+
     repository.remove_network(state.sql, tenant, cidr, actor=state.actor, extension=extension)
     state.changed()
     click.echo(f"removed {cidr} from {_scope(tenant, extension)}")
@@ -65,6 +68,8 @@ def remove(state: CliState, cidr: str, tenant: str, extension: str | None) -> No
 @pass_state
 def list_(state: CliState, tenant: str, extension: str | None, as_json: bool) -> None:
     """List the allowed networks of a tenant and of its extensions."""
+    from guard.config import repository
+
     networks = repository.list_networks(state.sql, tenant, extension=extension)
     if as_json:
         print_json(

@@ -6,24 +6,20 @@ IP blocks and threat lists live in the counter store (Redis), so these commands 
 record the change in the audit log themselves (``guard ip block`` also logs the block's
 ``ip_blocked`` event line on stderr, as ``guard serve`` does, for fail2ban); allow-lists,
 thresholds, country lists and limit raises live in SQL like the rest of the configuration
-(audited by the repository, then the guards reload). Importing this module attaches ``raise``
-to the ``ext`` and ``tenant`` groups.
+(audited by the repository, then the guards reload). ``guard.cli.ext`` and ``guard.cli.tenant``
+add ``ext_raise`` and ``tenant_raise`` to their groups.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from guard.alerts import AlertDispatcher, channels_from_settings, sample_alert
-from guard.cli import ext as ext_cli
-from guard.cli import tenant as tenant_cli
 from guard.cli.common import (
     MEMORY_STORE_NOTE,
     CliState,
@@ -41,16 +37,14 @@ from guard.cli.common import (
     warn,
     when,
 )
-from guard.config import repository
-from guard.config.repository import UNSET, AuditInfo, IpAllowInfo, Keep, RaiseInfo
 from guard.domain import CountryMode
 from guard.errors import ConfigStoreError
-from guard.events import Event, EventBus, EventKind
 from guard.ledger.types import IpBlock, ThreatKind
 from guard.logs import logging_to_stderr
-from guard.perimeter.geoip import GeoIPDatabase, database_status
-from guard.perimeter.threats import LIST_NAME, parse_threat_list
 from guard.policy import parse_source_ip
+
+if TYPE_CHECKING:
+    from guard.config.repository import AuditInfo, IpAllowInfo, Keep, RaiseInfo
 
 #: The ``reason=`` of the ``ip_blocked`` event of an admin's block (the admin's text is ``note=``).
 ADMIN_BLOCK = "admin_block"
@@ -100,6 +94,8 @@ def _need_shared_store(state: CliState) -> None:
 
 def _audit(state: CliState, kind: str, detail: dict[str, Any]) -> None:
     """Record a change made in the counter store; the change stands even if SQL is down."""
+    from guard.config import repository
+
     try:
         repository.record_admin_event(state.sql, state.actor, kind, detail)
     except ConfigStoreError as exc:
@@ -138,6 +134,8 @@ def log_block(state: CliState, address: str, until: float | None, note: str) -> 
     logs the blocks it makes (``EventBus.emit``: the same fields, escaping and format), so that
     fail2ban on that log bans an admin's block too. Only the log line: the audit log records the
     block as ``admin.ip.block``."""
+    from guard.events import Event, EventBus, EventKind
+
     detail = {"until": "-" if until is None else int(until), "by": state.actor, "note": note}
     event = Event(EventKind.IP_BLOCKED, ADMIN_BLOCK, source_ip=address, detail=detail)
     settings = state.settings
@@ -213,6 +211,8 @@ def ip_list(state: CliState, as_json: bool) -> None:
 
 
 def _threshold(_ctx: click.Context, param: click.Parameter, value: str | None) -> Keep[int | None]:
+    from guard.config.repository import UNSET
+
     if value is None:
         return UNSET
     if value.strip().lower() == _DEFAULT:
@@ -226,6 +226,8 @@ def _threshold(_ctx: click.Context, param: click.Parameter, value: str | None) -
 def _block_length(
     _ctx: click.Context, param: click.Parameter, value: str | None
 ) -> Keep[int | None]:
+    from guard.config.repository import UNSET
+
     if value is None:
         return UNSET
     return None if value.strip().lower() == _DEFAULT else parse_duration(value)
@@ -252,6 +254,9 @@ def ip_policy(
     as_json: bool,
 ) -> None:
     """Show or set the tenant's own block threshold and length (`default`: the settings')."""
+    from guard.config import repository
+    from guard.config.repository import UNSET
+
     if block_after is UNSET and block_for is UNSET:
         info = repository.get_perimeter(state.sql, tenant)
     else:
@@ -305,6 +310,8 @@ def allow_json(info: IpAllowInfo) -> dict[str, Any]:
 @pass_state
 def allow_add(state: CliState, cidr: str, tenant: str | None, note: str) -> None:
     """Never block CIDR (an address or a network)."""
+    from guard.config import repository
+
     info = repository.add_ip_allow(state.sql, cidr, actor=state.actor, tenant=tenant, note=note)
     state.changed()
     click.echo(f"never blocked: {info.cidr}" + (f" (tenant {tenant})" if tenant else ""))
@@ -315,6 +322,8 @@ def allow_add(state: CliState, cidr: str, tenant: str | None, note: str) -> None
 @tenant_option(required=False, help="From this tenant's list (default: the global one).")
 @pass_state
 def allow_remove(state: CliState, cidr: str, tenant: str | None) -> None:
+    from guard.config import repository
+
     repository.remove_ip_allow(state.sql, cidr, actor=state.actor, tenant=tenant)
     state.changed()
     click.echo(f"removed {cidr} from the allow-list")
@@ -325,6 +334,8 @@ def allow_remove(state: CliState, cidr: str, tenant: str | None) -> None:
 @json_option
 @pass_state
 def allow_list(state: CliState, tenant: str | None, as_json: bool) -> None:
+    from guard.config import repository
+
     found = repository.list_ip_allow(state.sql, tenant=tenant)
     if as_json:
         print_json(
@@ -367,6 +378,8 @@ def threat_import(
     state: CliState, file: Path, kind: str, name: str | None, replace: bool, skip_bad: bool
 ) -> None:
     """Import FILE into a threat list, atomically (a half-imported list is never seen)."""
+    from guard.perimeter.threats import LIST_NAME, parse_threat_list
+
     _need_shared_store(state)
     chosen = ThreatKind(kind)
     list_name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", file.stem)[:64] or "list"
@@ -454,6 +467,8 @@ def geoip() -> None:
 @pass_state
 def geoip_status(state: CliState) -> None:
     """Whether country lists are checked, and with which database."""
+    from guard.perimeter.geoip import database_status
+
     usable, words = database_status(state.settings.geoip_db, state.settings.geoip_mode)
     click.echo(words)
     if not usable:
@@ -465,6 +480,8 @@ def geoip_status(state: CliState) -> None:
 @pass_state
 def geoip_lookup(state: CliState, address: str) -> None:
     """The country the database gives for IP."""
+    from guard.perimeter.geoip import GeoIPDatabase
+
     path = state.settings.geoip_db
     if path is None:
         raise Refused("no GeoIP database configured (GUARD_GEOIP_DB)")
@@ -494,6 +511,8 @@ def geoip_set(
     off: bool,
 ) -> None:
     """Set the country list of the tenant or of one extension (both apply to its calls)."""
+    from guard.config import repository
+
     chosen = [mode for mode, given in (("allow", allow), ("deny", deny), ("off", off)) if given]
     if len(chosen) != 1:
         raise Invalid("give exactly one of --allow, --deny, --off")
@@ -549,6 +568,8 @@ def events_list(
     as_json: bool,
 ) -> None:
     """The newest audit events, newest first."""
+    from guard.config import repository
+
     found = repository.list_audit_events(
         state.sql,
         since=None if since is None else _since(since),
@@ -582,6 +603,10 @@ def alerts() -> None:
 @pass_state
 def alerts_test(state: CliState) -> None:
     """Send a sample alert through every configured channel; exit 1 if one fails."""
+    import asyncio
+
+    from guard.alerts import AlertDispatcher, channels_from_settings, sample_alert
+
     dispatcher = AlertDispatcher(channels_from_settings(state.settings))
 
     async def run() -> dict[str, str]:
@@ -650,6 +675,8 @@ def ext_raise(
     state: CliState, name: str, tenant: str, daily: int, seconds: int, reason: str
 ) -> None:
     """Raise extension NAME's daily limit for a while (it lapses by itself)."""
+    from guard.config import repository
+
     info = repository.add_limit_raise(
         state.sql, tenant, daily, seconds, actor=state.actor, extension=name, reason=reason
     )
@@ -663,6 +690,8 @@ def ext_raise(
 @pass_state
 def tenant_raise(state: CliState, name: str, daily: int, seconds: int, reason: str) -> None:
     """Raise tenant NAME's daily limit for a while (it lapses by itself)."""
+    from guard.config import repository
+
     info = repository.add_limit_raise(
         state.sql, name, daily, seconds, actor=state.actor, reason=reason
     )
@@ -681,6 +710,8 @@ def raises() -> None:
 @json_option
 @pass_state
 def raises_list(state: CliState, tenant: str | None, include_expired: bool, as_json: bool) -> None:
+    from guard.config import repository
+
     found = repository.list_limit_raises(state.sql, tenant=tenant, include_expired=include_expired)
     if as_json:
         print_json([raise_json(info) for info in found])
@@ -707,13 +738,8 @@ def raises_list(state: CliState, tenant: str | None, include_expired: bool, as_j
 @pass_state
 def raises_cancel(state: CliState, raise_id: int) -> None:
     """End raise ID now."""
+    from guard.config import repository
+
     repository.cancel_limit_raise(state.sql, raise_id, actor=state.actor)
     state.changed()
     click.echo(f"cancelled raise {raise_id}")
-
-
-ext_cli.ext.add_command(ext_raise)
-tenant_cli.tenant.add_command(tenant_raise)
-
-#: The groups this module adds to the root (``guard.cli.COMMANDS``).
-COMMANDS: tuple[click.Command, ...] = (ip, threat, geoip, events, alerts, raises)

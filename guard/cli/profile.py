@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from guard.cli.common import (
@@ -12,9 +14,10 @@ from guard.cli.common import (
     print_table,
     tenant_option,
 )
-from guard.config import repository
-from guard.config.repository import ProfileInfo
 from guard.domain import DestinationClass
+
+if TYPE_CHECKING:
+    from guard.config.repository import ProfileInfo
 
 _CLASSES = ", ".join(member.value for member in DestinationClass)
 
@@ -57,6 +60,8 @@ def add(state: CliState, name: str, classes: str, tenant: str | None, as_json: b
       guard profile add sales --classes local,national,mobile,tollfree,international \\
           --tenant acme
     """
+    from guard.config import repository
+
     info = repository.add_profile(state.sql, name, classes, actor=state.actor, tenant=tenant)
     state.changed()
     _show(info, as_json)
@@ -81,6 +86,8 @@ def set_(state: CliState, name: str, classes: str, tenant: str | None, as_json: 
       guard profile set international --tenant acme \\
           --classes emergency,local,national,mobile,tollfree,international,premium
     """
+    from guard.config import repository
+
     info = repository.set_profile(state.sql, name, classes, actor=state.actor, tenant=tenant)
     state.changed()
     _show(info, as_json)
@@ -100,6 +107,8 @@ def _show(info: ProfileInfo, as_json: bool) -> None:
 @pass_state
 def list_(state: CliState, tenant: str | None, as_json: bool) -> None:
     """List the routing profiles that apply: a tenant's own, then the global ones."""
+    from guard.config import repository
+
     profiles = repository.list_profiles(state.sql, tenant=tenant)
     if as_json:
         print_json([profile_json(p) for p in profiles])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,11 +23,12 @@ from guard.cli.common import (
     tenant_option,
     warn,
 )
-from guard.config import repository
-from guard.config.repository import GLOBAL_DECK, ImportMode, RateCsvError
 from guard.domain import Rate
 from guard.rating import normalize_number
 from guard.snapshot import DEFAULT_EMERGENCY_NUMBERS, TenantConfig
+
+if TYPE_CHECKING:
+    from guard.config.repository import RateCsvError
 
 #: Bad rows printed before "… and N more" (all of them are in the JSON).
 _SHOWN_ERRORS = 50
@@ -85,6 +87,9 @@ def import_(
     Classes: emergency, local, national, mobile, tollfree, international, premium, satellite,
     special.
     """
+    from guard.config import repository
+    from guard.config.repository import GLOBAL_DECK, ImportMode
+
     good, errors = _read_deck(file, skip_bad=skip_bad)
     fatal = [error for error in errors if error.message.startswith(_FATAL_PREFIX)]
     refuse = bool(errors) and (not skip_bad or bool(fatal) or not good)
@@ -126,6 +131,8 @@ def import_(
 
 
 def _read_deck(file: Path, *, skip_bad: bool) -> tuple[list[Rate], list[RateCsvError]]:
+    from guard.config import repository
+
     try:
         with file.open(newline="", encoding="utf-8") as handle:
             if skip_bad:
@@ -146,6 +153,9 @@ def _print_errors(errors: list[RateCsvError]) -> None:
 
 def _dialing_rules(state: CliState, tenant: str | None) -> tuple[TenantConfig, str]:
     """The dialing rules to normalize with, and the currency to show prices in."""
+    from guard.config import repository
+    from guard.config.repository import GLOBAL_DECK
+
     emergency = DEFAULT_EMERGENCY_NUMBERS | set(repository.list_emergency_numbers(state.sql))
     if tenant is None:
         return TenantConfig(
@@ -189,6 +199,8 @@ def lookup(state: CliState, number: str, tenant: str | None, as_json: bool) -> N
     Example:
       guard rates lookup 0033140000000 --tenant acme
     """
+    from guard.config import repository
+
     rules, currency = _dialing_rules(state, tenant)
     normalized = normalize_number(rules, number)
     rate = (
@@ -238,6 +250,9 @@ def lookup(state: CliState, number: str, tenant: str | None, as_json: bool) -> N
 @pass_state
 def list_(state: CliState, tenant: str | None, limit: int, as_json: bool) -> None:
     """List the rates of a deck, by prefix."""
+    from guard.config import repository
+    from guard.config.repository import GLOBAL_DECK
+
     currency = "" if tenant is None else repository.get_tenant(state.sql, tenant).currency
     deck = tenant or GLOBAL_DECK
     found = repository.list_rates(state.sql, tenant, limit=limit)

@@ -10,11 +10,10 @@ they were not: only the operator can tell), and the spend per day as it was and 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 
@@ -30,28 +29,13 @@ from guard.cli.common import (
     tenant_option,
     warn,
 )
-from guard.config.loader import build_snapshot
-from guard.config.repository import list_profiles
 from guard.domain import DestinationClass
-from guard.engine import EngineSettings
-from guard.ledger import RedisLedger, ledger_from_url
-from guard.ledger.storage import private_memory_ledger
-from guard.replay import (
-    CallOutcome,
-    CdrFile,
-    ReasonTally,
-    ReplayReport,
-    Tally,
-    apply_policy,
-    load_policy,
-    read_cdr,
-    summarize,
-)
-from guard.replay import (
-    replay as run_replay,
-)
 from guard.schedule import zone
 from guard.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from guard.ledger import RedisLedger
+    from guard.replay import CallOutcome, CdrFile, ReasonTally, ReplayReport, Tally
 
 #: Bound of one operation on the throw-away counters (the in-process store runs Lua slowly).
 REPLAY_TIMEOUT: Final = 5.0
@@ -59,6 +43,8 @@ REPLAY_TIMEOUT: Final = 5.0
 
 def _profiles(state: CliState, tenant: str) -> dict[str, frozenset[DestinationClass]]:
     """The routing profiles the tenant may use: its own first, then the global ones."""
+    from guard.config.repository import list_profiles
+
     found: dict[str, frozenset[DestinationClass]] = {}
     for profile in list_profiles(state.sql, tenant=tenant):
         found.setdefault(profile.name, frozenset(profile.classes))
@@ -66,6 +52,9 @@ def _profiles(state: CliState, tenant: str) -> dict[str, frozenset[DestinationCl
 
 
 def _ledger(state: CliState, use_redis: bool) -> RedisLedger:
+    from guard.ledger import ledger_from_url
+    from guard.ledger.storage import private_memory_ledger
+
     settings = state.admin_settings
     if use_redis and not state.memory_store:
         prefix = f"{settings.redis_prefix}-replay-{uuid.uuid4().hex[:12]}"
@@ -86,6 +75,11 @@ def _run(
     state: CliState, cdr: CdrFile, snapshot: Snapshot, tenant: str, use_redis: bool
 ) -> list[CallOutcome]:
     """Replay the file's calls on throw-away counters, deleted afterwards."""
+    import asyncio
+
+    from guard.engine import EngineSettings
+    from guard.replay import replay as run_replay
+
     settings = state.settings
     engine_settings = EngineSettings(
         grace_seconds=settings.grace_seconds,
@@ -172,6 +166,9 @@ def replay(
     day, as it was and under the policy. A refused call may be fraud (money saved) or a call
     your users needed: judge by hour and destination.
     """
+    from guard.config.loader import build_snapshot
+    from guard.replay import apply_policy, load_policy, read_cdr, summarize
+
     try:
         handle = cdr_path.open(encoding="utf-8", errors="replace", newline="")
     except OSError as exc:

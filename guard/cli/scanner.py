@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from guard.cli.common import CliState, json_option, pass_state, print_json, print_table
-from guard.config import repository
 from guard.snapshot import DEFAULT_SCANNER_PATTERNS
 
 
@@ -24,6 +23,8 @@ def scanner() -> None:
 @pass_state
 def add(state: CliState, pattern: str) -> None:
     """Refuse every call whose User-Agent contains PATTERN (any case)."""
+    from guard.config import repository
+
     repository.add_scanner_pattern(state.sql, pattern, actor=state.actor)
     state.changed()
     click.echo(f"added scanner pattern {pattern.strip().lower()!r}")
@@ -34,6 +35,8 @@ def add(state: CliState, pattern: str) -> None:
 @pass_state
 def remove(state: CliState, pattern: str) -> None:
     """Remove an added PATTERN (the built-in ones cannot be removed)."""
+    from guard.config import repository
+
     repository.remove_scanner_pattern(state.sql, pattern, actor=state.actor)
     state.changed()
     click.echo(f"removed scanner pattern {pattern.strip().lower()!r}")
@@ -44,6 +47,8 @@ def remove(state: CliState, pattern: str) -> None:
 @pass_state
 def list_(state: CliState, as_json: bool) -> None:
     """List the scanner patterns: the built-in ones, then the added ones."""
+    from guard.config import repository
+
     rows = [(pattern, True) for pattern in DEFAULT_SCANNER_PATTERNS]
     rows += [(pattern, False) for pattern in repository.list_scanner_patterns(state.sql)]
     if as_json:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 
 import click
 
-from guard import service
 from guard.cli.common import (
     MEMORY_STORE_NOTE,
     CliState,
@@ -21,11 +19,9 @@ from guard.cli.common import (
     warn,
     when,
 )
-from guard.ledger.storage import MEMORY_WARNING
 from guard.ledger.types import SweptCall
 from guard.logs import setup_logging
 from guard.settings import Listen, Settings, parse_listen
-from guard.workers import serve_forever
 
 
 def to_listens(
@@ -78,6 +74,9 @@ def serve(
     every GUARD_SWEEP_INTERVAL seconds. Logs go to stderr (GUARD_LOG_FORMAT, GUARD_LOG_LEVEL).
     Only GUARD_AGI_ALLOW networks may connect.
     """
+    from guard.ledger.storage import MEMORY_WARNING
+    from guard.workers import serve_forever
+
     settings = state.settings
     if listen:
         settings = replace(settings, agi_listen=listen)
@@ -94,6 +93,8 @@ def serve(
 
 
 async def _sweep_once(settings: Settings) -> list[SweptCall]:
+    from guard import service
+
     services = service.build_services(settings)
     try:
         return await services.engine.sweep()
@@ -113,6 +114,8 @@ def sweep(state: CliState, as_json: bool) -> None:
     this from cron when no guard runs, or to see what is swept. Safe beside running guards and
     from several processes at once: each reservation is charged exactly once.
     """
+    import asyncio
+
     if state.memory_store:
         warn(f"nothing to sweep here: {MEMORY_STORE_NOTE}; `guard serve` sweeps it itself")
         return

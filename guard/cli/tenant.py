@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -24,10 +24,12 @@ from guard.cli.common import (
     to_money_limit,
     when,
 )
-from guard.config import repository
-from guard.config.repository import TenantInfo
+from guard.cli.perimeter import tenant_raise
 from guard.domain import FailMode, ReservationMode
 from guard.money import MAX_CALL_SECONDS
+
+if TYPE_CHECKING:
+    from guard.config.repository import TenantInfo
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -248,6 +250,8 @@ def add(state: CliState, /, name: str, as_json: bool, **options: Any) -> None:
       guard tenant add acme --timezone Europe/London --currency GBP \\
           --country-code 44 --daily 50 --concurrent 10
     """
+    from guard.config import repository
+
     info = repository.add_tenant(state.sql, name, actor=state.actor, **_given(**options))
     state.changed()
     if as_json:
@@ -268,6 +272,8 @@ def set_(state: CliState, /, name: str, as_json: bool, **options: Any) -> None:
     Example:
       guard tenant set acme --daily 80 --concurrent none
     """
+    from guard.config import repository
+
     info = repository.set_tenant(state.sql, name, actor=state.actor, **_given(**options))
     state.changed()
     if as_json:
@@ -286,6 +292,8 @@ def show(state: CliState, name: str, as_json: bool) -> None:
     The counters are those of the tenant's current day in its time zone; when the counter store
     cannot be read, the configuration is still shown with the reason.
     """
+    from guard.config import repository
+
     info = repository.get_tenant(state.sql, name)
     counters, problem = state.today(info.name, info.timezone)
     if as_json:
@@ -315,6 +323,8 @@ def show(state: CliState, name: str, as_json: bool) -> None:
 @pass_state
 def list_(state: CliState, as_json: bool) -> None:
     """List every tenant with its limits."""
+    from guard.config import repository
+
     tenants = repository.list_tenants(state.sql)
     if as_json:
         print_json([tenant_json(info) for info in tenants])
@@ -352,6 +362,12 @@ def remove(state: CliState, name: str) -> None:
     Its calls are refused (unknown_tenant) from the next reload on. Asks for confirmation unless
     --yes is given.
     """
+    from guard.config import repository
+
     repository.remove_tenant(state.sql, name, actor=state.actor)
     state.changed()
     click.echo(f"removed tenant {name}")
+
+
+# `guard tenant raise` is defined in guard.cli.perimeter, with the other limit raises.
+tenant.add_command(tenant_raise)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from guard.cli.common import (
@@ -13,8 +15,9 @@ from guard.cli.common import (
     print_table,
     tenant_option,
 )
-from guard.config import repository
-from guard.config.repository import WEEKDAYS, WindowInfo
+
+if TYPE_CHECKING:
+    from guard.config.repository import WindowInfo
 
 
 @click.group()
@@ -32,6 +35,8 @@ def _hhmm(minute: int) -> str:
 
 
 def window_json(info: WindowInfo) -> dict[str, object]:
+    from guard.config.repository import WEEKDAYS
+
     return {
         "id": info.id,
         "tenant": info.tenant,
@@ -68,6 +73,8 @@ def add(
       guard window add --tenant acme --days mon-fri --hours 08:00-19:00
       guard window add --tenant acme --days sat --hours 09:00-13:00
     """
+    from guard.config import repository
+
     windows = repository.add_window(
         state.sql, tenant, days, hours, actor=state.actor, extension=extension
     )
@@ -85,6 +92,8 @@ def add(
 @pass_state
 def remove(state: CliState, window_ids: tuple[int, ...], tenant: str) -> None:
     """Delete windows by the IDs that `guard window list` shows."""
+    from guard.config import repository
+
     removed = 0
     try:
         for window_id in window_ids:
@@ -103,6 +112,9 @@ def remove(state: CliState, window_ids: tuple[int, ...], tenant: str) -> None:
 @pass_state
 def list_(state: CliState, tenant: str, extension: str | None, as_json: bool) -> None:
     """List the time windows of a tenant and of its extensions."""
+    from guard.config import repository
+    from guard.config.repository import WEEKDAYS
+
     windows = repository.list_windows(state.sql, tenant, extension=extension)
     if as_json:
         print_json([window_json(w) for w in windows])

@@ -12,19 +12,19 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session
 
 import guard
 from guard.errors import ConfigStoreError, ConfigurationError
+
+if TYPE_CHECKING:
+    # Alembic is slow to import and only migrations and revision reads need it (`guard db`,
+    # `guard doctor`): the functions below import it, not `guard serve` or the other commands.
+    from alembic.config import Config
 
 #: Where the Alembic environment lives: top-level ``migrations/`` of the source tree.
 MIGRATIONS_DIR = Path(guard.__file__).resolve().parent.parent / "migrations"
@@ -174,6 +174,8 @@ def session_scope(engine: Engine, *, write: bool = True) -> Iterator[Session]:
 
 def _alembic_config(connection: sa.Connection | None = None) -> Config:
     """Alembic's configuration in code (no ``alembic.ini``); never holds the URL."""
+    from alembic.config import Config
+
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise ConfigurationError(
             f"Alembic migrations not found at {MIGRATIONS_DIR}: Guard must run from a source "
@@ -187,6 +189,9 @@ def _alembic_config(connection: sa.Connection | None = None) -> Config:
 
 
 def _migrate(url: str | URL, action: str, revision: str) -> None:
+    from alembic import command
+    from alembic.util import CommandError
+
     engine = _create_engine(url, foreign_keys=False)
     try:
         with store_errors(engine), engine.connect() as raw:
@@ -226,6 +231,8 @@ def downgrade(url: str | URL, revision: str) -> None:
 
 def current_revision(url: str | URL) -> str | None:
     """The revision the store at ``url`` is at, or ``None`` before the first migration."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = _create_engine(url, foreign_keys=True)
     try:
         with store_errors(engine), engine.connect() as connection:
@@ -236,4 +243,6 @@ def current_revision(url: str | URL) -> str | None:
 
 def head_revision() -> str | None:
     """The newest revision shipped in ``migrations/``."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()

@@ -50,25 +50,11 @@ from guard.errors import NotFoundError, ValidationError
 from guard.money import MAX_AMOUNT, MAX_CALL_SECONDS, MAX_RATE, format_money, parse_money
 from guard.snapshot import DEFAULT_EMERGENCY_NUMBERS, DEFAULT_SCANNER_PATTERNS, IPNetwork
 
-#: The profiles every new tenant gets; an extension without a profile gets ``domestic``.
-DEFAULT_PROFILES: Final[dict[str, tuple[DestinationClass, ...]]] = {
-    "domestic": (
-        DestinationClass.EMERGENCY,
-        DestinationClass.LOCAL,
-        DestinationClass.NATIONAL,
-        DestinationClass.MOBILE,
-        DestinationClass.TOLLFREE,
-    ),
-    "international": (
-        DestinationClass.EMERGENCY,
-        DestinationClass.LOCAL,
-        DestinationClass.NATIONAL,
-        DestinationClass.MOBILE,
-        DestinationClass.TOLLFREE,
-        DestinationClass.INTERNATIONAL,
-    ),
-}
-DEFAULT_PROFILE = "domestic"
+# The profiles every new tenant gets, and an extension's without one: defined in guard.snapshot
+# (light enough for the CLI's option help to import), re-exported here.
+from guard.snapshot import DEFAULT_PROFILE as DEFAULT_PROFILE
+from guard.snapshot import DEFAULT_PROFILES as DEFAULT_PROFILES
+
 #: Name of the global rate deck (so no tenant may be called that).
 GLOBAL_DECK = "global"
 VERSION_KEY = "version"

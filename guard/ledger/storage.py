@@ -28,11 +28,9 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from fakeredis import FakeServer
-from fakeredis.aioredis import FakeRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -45,6 +43,9 @@ from guard.ledger.keys import check_prefix
 from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, Closable, RedisClient, RedisLedger
 from guard.settings import mask_url
+
+if TYPE_CHECKING:
+    from fakeredis import FakeServer
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +141,26 @@ def _cluster(url: str, timeout: float) -> _Backend:
     return _Backend(client)
 
 
+# fakeredis is slow to import and only ``memory://`` and ``private_memory_ledger`` need it: it is
+# imported by the first of them.
+
+
+def _fake_server() -> FakeServer:
+    """A new in-process fake Redis (7) server."""
+    from fakeredis import FakeServer
+
+    return FakeServer(version=(7,))
+
+
+def _fake_redis(server: FakeServer, timeout: float) -> RedisClient:
+    from fakeredis.aioredis import FakeRedis
+
+    return FakeRedis(server=server, **_client_options(timeout))
+
+
 @functools.cache
 def _memory_server() -> FakeServer:
-    return FakeServer(version=(7,))
+    return _fake_server()
 
 
 @functools.cache
@@ -156,8 +174,7 @@ def _memory(url: str, timeout: float) -> _Backend:
     if url.partition("://")[2].strip("/"):
         raise ValueError("memory:// takes no host, path or options")
     warn_memory_store()
-    options = _client_options(timeout)
-    return _Backend(FakeRedis(server=_memory_server(), **options))
+    return _Backend(_fake_redis(_memory_server(), timeout))
 
 
 #: URL scheme -> factory of the client that serves it.
@@ -212,5 +229,5 @@ def private_memory_ledger(
     For throw-away counters (``guard replay``): unlike ``memory://``, which every ledger of the
     process shares, nothing counted here can reach another ledger.
     """
-    client = FakeRedis(server=FakeServer(version=(7,)), **_client_options(timeout))
+    client = _fake_redis(_fake_server(), timeout)
     return RedisLedger(client, prefix=check_prefix(prefix), timeout=timeout, url="memory (private)")
