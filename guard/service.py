@@ -37,13 +37,12 @@ from guard.events import EventBus
 from guard.feed import EventFeed, snapshot_zone
 from guard.interval import ExtenderSettings, SliceExtender
 from guard.ledger.redis_ledger import RedisLedger
-from guard.ledger.storage import ledger_from_url
+from guard.ledger.storage import ledger_from_url, shadow_ledger_for
 from guard.logs import log_fields
 from guard.metrics import MeteredEngine, MeteredLedger, ServeMetrics, start_metrics_server
 from guard.perimeter import Perimeter, PerimeterSettings
 from guard.perimeter.geoip import open_geoip
 from guard.settings import Settings
-from guard.shadow import shadow_prefix
 from guard.snapshot import Snapshot
 
 log = logging.getLogger("guard.service")
@@ -116,15 +115,6 @@ class Services:
         await self.ledger.close()
         await self.shadow_ledger.close()
         self.sql.dispose()
-
-
-def shadow_ledger_for(settings: Settings) -> RedisLedger:
-    """The shadow counters of ``settings``' store: its URL, the prefix ``<prefix>-shadow``."""
-    return ledger_from_url(
-        settings.redis_url,
-        prefix=shadow_prefix(settings.redis_prefix),
-        timeout=settings.redis_timeout,
-    )
 
 
 def build_services(settings: Settings) -> Services:

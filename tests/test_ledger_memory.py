@@ -13,10 +13,9 @@ from ledger_support import DAY, NOW, RATE, request
 
 from guard.domain import Reason, UaLockMode
 from guard.ledger import RedisLedger, ledger_from_url
-from guard.ledger.storage import MEMORY_WARNING, warn_memory_store
+from guard.ledger.storage import MEMORY_WARNING, shadow_ledger_for, warn_memory_store
 from guard.ledger.types import SettleOutcome
 from guard.money import call_cost, max_affordable_seconds
-from guard.service import shadow_ledger_for
 from guard.settings import load_settings
 
 

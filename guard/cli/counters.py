@@ -70,7 +70,7 @@ async def read_lines(
 ) -> list[CounterLine]:
     """Today's lines of ``tenants``: the live counters, then the shadow ones when asked."""
     from guard.config import repository
-    from guard.service import shadow_ledger_for
+    from guard.ledger.storage import shadow_ledger_for
 
     limits = {
         info.name: {

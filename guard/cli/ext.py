@@ -415,7 +415,7 @@ def unlock(state: CliState, name: str, tenant: str, forget_ua: bool) -> None:
     run it again).
     """
     from guard.config import repository
-    from guard.service import shadow_ledger_for
+    from guard.ledger.storage import shadow_ledger_for
 
     repository.unlock_extension(state.sql, tenant, name, actor=state.actor, relearn=forget_ua)
     state.changed()

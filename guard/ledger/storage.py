@@ -42,7 +42,8 @@ from guard.errors import ConfigurationError
 from guard.ledger.keys import check_prefix
 from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, Closable, RedisClient, RedisLedger
-from guard.settings import mask_url
+from guard.settings import Settings, mask_url
+from guard.shadow import shadow_prefix
 
 if TYPE_CHECKING:
     from fakeredis import FakeServer
@@ -218,6 +219,16 @@ def ledger_from_url(
         url=masked,
         also_close=backend.also_close,
         scripts=backend.scripts,
+    )
+
+
+def shadow_ledger_for(settings: Settings) -> RedisLedger:
+    """The shadow counters (``guard.shadow``) of ``settings``' store: the same URL, the prefix
+    ``<prefix>-shadow``."""
+    return ledger_from_url(
+        settings.redis_url,
+        prefix=shadow_prefix(settings.redis_prefix),
+        timeout=settings.redis_timeout,
     )
 
 
