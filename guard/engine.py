@@ -38,11 +38,13 @@ from guard.domain import (
     Reason,
     ReservationMode,
     Result,
+    UaLockMode,
 )
 from guard.errors import StorageError
 from guard.events import Event, EventBus, EventKind
 from guard.ledger.protocol import Ledger
 from guard.ledger.types import (
+    ExtensionState,
     IpBlock,
     Reservation,
     ReserveRequest,
@@ -50,6 +52,7 @@ from guard.ledger.types import (
     SettleResult,
     SpendCounters,
     SweptCall,
+    TenantCounters,
 )
 from guard.logs import log_fields
 from guard.money import MAX_CALL_SECONDS, max_affordable_seconds
@@ -57,7 +60,7 @@ from guard.perimeter import Perimeter
 from guard.policy import PolicyResult, evaluate, parse_source_ip
 from guard.rating import is_emergency_number
 from guard.schedule import tenant_day
-from guard.shadow import enforced_in_shadow, in_shadow, let_go
+from guard.shadow import in_shadow, let_go, shadowed
 from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
 
 log = logging.getLogger("guard.engine")
@@ -83,18 +86,96 @@ class EngineSettings:
 class Preview:
     """What ``authorize`` would decide now, computed without reserving anything."""
 
+    #: What ``authorize`` would return (but the reservation): in shadow mode, the call let go
+    #: (``Reason.SHADOW`` for a would-be refusal) unless the refusal stands.
     decision: Decision
     policy: PolicyResult
     tenant_today: SpendCounters | None = None
     extension_today: SpendCounters | None = None
     store_error: str = ""
-    #: The call is in shadow mode: counters are the shadow ones, and a refusal that shadow mode
-    #: does not enforce would let the call go (``Reason.SHADOW``).
-    shadow: bool = False
+    #: The ledger's checks before the limits, as read: the runtime lock, then the learned
+    #: User-Agent; in shadow mode the live lock, then the shadow counters' (``shadow_lock``).
+    runtime: tuple[CheckOutcome, ...] = ()
+    #: The verdict of the limits alone on today's counters (the fail mode's when they could not
+    #: be read); ``None`` when the checks refused the call first.
+    limits: Decision | None = None
+    #: In shadow mode, the verdict if enforced (what ``decision`` was made of); else ``None``.
+    enforced: Decision | None = None
+
+    @property
+    def shadow(self) -> bool:
+        """The call is judged in shadow mode; its counters are the shadow ones."""
+        return self.enforced is not None
 
 
 def _remaining(limit: int | None, counters: SpendCounters) -> int | None:
     return None if limit is None else limit - counters.spent - counters.reserved
+
+
+def _runtime_outcome(
+    name: str, state: ExtensionState, extension: ExtensionConfig, user_agent: str, *, learn: bool
+) -> CheckOutcome:
+    """The ledger's checks before the limits on ``state``, in the order ``reserve`` runs them:
+    the lock, then in ``learn`` mode the learned User-Agent (a different one would lock)."""
+    if state.locked:
+        reason = state.lock_reason or "no reason given"
+        return CheckOutcome(name, False, Reason.EXTENSION_LOCKED, f"locked: {reason}")
+    if not learn or extension.ua_mode is not UaLockMode.LEARN:
+        return CheckOutcome(name, True, None, "not locked")
+    learned = state.learned_user_agent
+    if learned is None:
+        return CheckOutcome(name, True, None, "nothing learned yet: would learn it")
+    if learned != user_agent:
+        return CheckOutcome(
+            name,
+            False,
+            Reason.USER_AGENT_MISMATCH,
+            f"differs from the learned User-Agent {learned!r}: would lock the extension",
+        )
+    return CheckOutcome(name, True, None, "matches the learned User-Agent")
+
+
+def _limits(
+    attempt: CallAttempt,
+    policy: PolicyResult,
+    number: str,
+    counters: TenantCounters,
+    ext_today: SpendCounters,
+) -> Decision:
+    """The limits' verdict on today's counters, as ``reserve`` judges them (concurrent calls,
+    then the daily budgets), and the longest call the budget allows."""
+    tenant, extension, rate = policy.tenant, policy.extension, policy.rate
+    assert tenant is not None and extension is not None and rate is not None
+    reason = Reason.ALLOWED
+    if (
+        extension.concurrent_limit is not None
+        and ext_today.live_calls >= extension.concurrent_limit
+    ):
+        reason = Reason.CONCURRENT_LIMIT_EXTENSION
+    elif (
+        tenant.concurrent_limit is not None and counters.total.live_calls >= tenant.concurrent_limit
+    ):
+        reason = Reason.CONCURRENT_LIMIT_TENANT
+    ext_left = _remaining(extension.daily_limit, ext_today)
+    tenant_left = _remaining(tenant.daily_limit, counters.total)
+    budgets = [left for left in (ext_left, tenant_left) if left is not None]
+    budget = min(budgets) if budgets else None
+    if budget is None:
+        seconds = tenant.max_call_seconds
+    else:
+        seconds = max_affordable_seconds(rate, budget, tenant.max_call_seconds)
+    if reason is Reason.ALLOWED and seconds == 0:
+        binding_ext = ext_left is not None and (tenant_left is None or ext_left <= tenant_left)
+        reason = Reason.DAILY_LIMIT_EXTENSION if binding_ext else Reason.DAILY_LIMIT_TENANT
+    result = Result.ALLOW if reason is Reason.ALLOWED else Result.DENY
+    return Decision(
+        result,
+        reason,
+        seconds if result is Result.ALLOW else 0,
+        attempt.call_id,
+        number=number,
+        destination=rate,
+    )
 
 
 class SnapshotHolder:
@@ -174,14 +255,7 @@ class Engine:
         policy = evaluate(snapshot, attempt, datetime.fromtimestamp(now, UTC), extra)
         number = policy.number.e164 if policy.number else ""
         if policy.is_emergency:
-            return Decision(
-                Result.ALLOW,
-                Reason.EMERGENCY,
-                self.settings.emergency_max_seconds,
-                attempt.call_id,
-                number=policy.number.dialed if policy.number else attempt.number,
-                destination=policy.rate,
-            )
+            return self._emergency(attempt, policy)
         if policy.reason is not None:
             return self._judged(attempt, policy.reason, number, policy, now)
         tenant, extension, rate = policy.tenant, policy.extension, policy.rate
@@ -245,77 +319,111 @@ class Engine:
         )
 
     async def preview(self, attempt: CallAttempt, now: float | None = None) -> Preview:
-        """The decision ``authorize`` would take at ``now``, from today's counters, read-only.
+        """What ``authorize`` would return at ``now``, from today's counters, read-only.
 
-        For ``guard check``: nothing is reserved, learned or counted. Limits are judged from a
-        plain read of the counters, so a call racing with others may still be refused later.
+        For ``guard check``: nothing is reserved, learned or counted. The ledger's checks and the
+        limits are judged from a plain read of its state, so a call racing with others may still
+        be refused later. A call in shadow mode is decided by the rules of ``authorize`` (the
+        same helpers, in the same order); ``enforced`` is then its verdict if enforced.
         """
         moment = self.clock() if now is None else now
         snapshot = self.snapshots.current
         blocked = self._blocked(snapshot, attempt, moment)
         if blocked is not None:
-            deny = Decision(Result.DENY, Reason.IP_BLOCKED, 0, attempt.call_id)
-            return Preview(deny, blocked)
+            return self._preview_refusal(attempt, Reason.IP_BLOCKED, "", blocked)
         extra = self.perimeter.checks if self.perimeter is not None else ()
         policy = evaluate(snapshot, attempt, datetime.fromtimestamp(moment, UTC), extra)
         number = policy.number.e164 if policy.number else ""
         if policy.is_emergency:
-            decision = Decision(
-                Result.ALLOW,
-                Reason.EMERGENCY,
-                self.settings.emergency_max_seconds,
-                attempt.call_id,
-                number=number,
-                destination=policy.rate,
-            )
-            return Preview(decision, policy)
-        shadow = in_shadow(policy.tenant, policy.extension)
+            return Preview(self._emergency(attempt, policy), policy)
         if policy.reason is not None:
-            deny = Decision(Result.DENY, policy.reason, 0, attempt.call_id, number, policy.rate)
-            return Preview(deny, policy, shadow=shadow)
+            return self._preview_refusal(attempt, policy.reason, number, policy)
         tenant, extension, rate = policy.tenant, policy.extension, policy.rate
         assert tenant is not None and extension is not None and rate is not None
+        shadow = in_shadow(tenant, extension)
+        # In shadow mode, as in ``_authorize_shadow``: the live lock first, then the shadow
+        # counters, where the learned User-Agent and the lock are judged like the limits.
+        runtime: list[CheckOutcome] = []
+        live = await self._live_state(tenant.name, extension.name) if shadow else None
+        if live is not None:
+            ua = attempt.user_agent
+            runtime.append(_runtime_outcome("runtime_lock", live, extension, ua, learn=False))
+        live_locked = live is not None and live.locked
         ledger = self.shadow_ledger if shadow else self.ledger
         try:
             if ledger is None:
                 raise StorageError("no shadow counters in this process")
             counters = await ledger.counters(tenant.name, tenant_day(tenant.timezone, moment))
+            state = await ledger.extension_state(tenant.name, extension.name)
         except StorageError as exc:
-            decision = self._store_unavailable(attempt, policy, number, str(exc), emit=False)
-            return Preview(decision, policy, store_error=str(exc), shadow=shadow)
-        ext_today = counters.extensions.get(extension.name, SpendCounters())
-        reason = Reason.ALLOWED
-        if (
-            extension.concurrent_limit is not None
-            and ext_today.live_calls >= extension.concurrent_limit
-        ):
-            reason = Reason.CONCURRENT_LIMIT_EXTENSION
-        elif (
-            tenant.concurrent_limit is not None
-            and counters.total.live_calls >= tenant.concurrent_limit
-        ):
-            reason = Reason.CONCURRENT_LIMIT_TENANT
-        ext_left = _remaining(extension.daily_limit, ext_today)
-        tenant_left = _remaining(tenant.daily_limit, counters.total)
-        budgets = [left for left in (ext_left, tenant_left) if left is not None]
-        budget = min(budgets) if budgets else None
-        if budget is None:
-            seconds = tenant.max_call_seconds
+            store_error = str(exc)
+            limits = self._store_unavailable(attempt, policy, number, store_error, emit=False)
+            tenant_today = ext_today = None
         else:
-            seconds = max_affordable_seconds(rate, budget, tenant.max_call_seconds)
-        if reason is Reason.ALLOWED and seconds == 0:
-            binding_ext = ext_left is not None and (tenant_left is None or ext_left <= tenant_left)
-            reason = Reason.DAILY_LIMIT_EXTENSION if binding_ext else Reason.DAILY_LIMIT_TENANT
-        result = Result.ALLOW if reason is Reason.ALLOWED else Result.DENY
-        decision = Decision(
-            result,
-            reason,
-            seconds if result is Result.ALLOW else 0,
-            attempt.call_id,
-            number=number,
-            destination=rate,
+            store_error = ""
+            tenant_today = counters.total
+            ext_today = counters.extensions.get(extension.name, SpendCounters())
+            limits = _limits(attempt, policy, number, counters, ext_today)
+            if not live_locked:
+                name = "shadow_lock" if shadow else "runtime_lock"
+                runtime.append(
+                    _runtime_outcome(name, state, extension, attempt.user_agent, learn=True)
+                )
+        refused = next((outcome.reason for outcome in runtime if outcome.reason is not None), None)
+        enforced = limits
+        if refused is not None:
+            enforced = Decision(Result.DENY, refused, 0, attempt.call_id, number, rate)
+        decision = enforced
+        if shadow:
+            decision = shadowed(enforced, tenant) if live_locked else let_go(enforced, tenant)
+        return Preview(
+            decision,
+            policy,
+            tenant_today,
+            ext_today,
+            store_error,
+            tuple(runtime),
+            limits,
+            enforced if shadow else None,
         )
-        return Preview(decision, policy, counters.total, ext_today, shadow=shadow)
+
+    def _preview_refusal(
+        self, attempt: CallAttempt, reason: Reason, number: str, policy: PolicyResult
+    ) -> Preview:
+        """``preview`` of a call the checks refuse: decided as ``_judged`` decides it."""
+        refusal = Decision(Result.DENY, reason, 0, attempt.call_id, number, policy.rate)
+        tenant = self._shadow_tenant(attempt, policy)
+        if tenant is None:
+            return Preview(refusal, policy)
+        return Preview(shadowed(refusal, tenant), policy, enforced=refusal)
+
+    def _emergency(self, attempt: CallAttempt, policy: PolicyResult) -> Decision:
+        """An emergency call goes out as dialed, whatever else the checks say."""
+        return Decision(
+            Result.ALLOW,
+            Reason.EMERGENCY,
+            self.settings.emergency_max_seconds,
+            attempt.call_id,
+            number=policy.number.dialed if policy.number else attempt.number,
+            destination=policy.rate,
+        )
+
+    def _shadow_tenant(self, attempt: CallAttempt, policy: PolicyResult) -> TenantConfig | None:
+        """The tenant of the call if the call is in shadow mode, else ``None``. The extension is
+        looked up by name: the checks may have stopped before it (unknown: the tenant decides)."""
+        tenant = policy.tenant
+        if tenant is None:
+            return None
+        extension = self.snapshots.current.extension(tenant.name, attempt.extension)
+        return tenant if in_shadow(tenant, extension) else None
+
+    async def _live_state(self, tenant: str, extension: str) -> ExtensionState | None:
+        """The extension's state in the live counters; ``None`` when they cannot be read, and a
+        call in shadow mode then goes on as if unlocked."""
+        try:
+            return await self.ledger.extension_state(tenant, extension)
+        except StorageError:
+            return None
 
     def _judged(
         self,
@@ -328,13 +436,13 @@ class Engine:
         count: bool = True,
     ) -> Decision:
         """``_refuse``, unless the call is in shadow mode and shadow mode lets ``reason`` go."""
-        tenant = policy.tenant
-        if (
-            tenant is not None
-            and not enforced_in_shadow(reason, tenant)
-            and in_shadow(tenant, self.snapshots.current.extension(tenant.name, attempt.extension))
-        ):
-            return self._shadow_refused(attempt, reason, number, policy, tenant)
+        tenant = self._shadow_tenant(attempt, policy)
+        if tenant is not None:
+            refusal = Decision(Result.DENY, reason, 0, attempt.call_id, number, policy.rate)
+            decision = shadowed(refusal, tenant)
+            if decision.allowed:
+                self._emit_shadow_refused(attempt, reason, policy)
+                return decision
         return self._refuse(attempt, reason, number, policy, now, count=count)
 
     async def _authorize_shadow(
@@ -354,12 +462,9 @@ class Engine:
         """
         tenant, extension, rate = policy.tenant, policy.extension, policy.rate
         assert tenant is not None and extension is not None and rate is not None
-        try:
-            locked = (await self.ledger.extension_state(tenant.name, extension.name)).locked
-        except StorageError:
-            locked = False
-        if locked:
-            return self._refuse(attempt, Reason.EXTENSION_LOCKED, number, policy, now)
+        live = await self._live_state(tenant.name, extension.name)
+        if live is not None and live.locked:
+            return self._judged(attempt, Reason.EXTENSION_LOCKED, number, policy, now)
         shadow_request = dataclasses.replace(
             request,
             grace_seconds=min(tenant.max_call_seconds + request.grace_seconds, MAX_CALL_SECONDS),
@@ -390,7 +495,16 @@ class Engine:
         tenant: TenantConfig,
         **detail: object,
     ) -> Decision:
-        """Record what Guard would have refused (``shadow_refused``) and let the call go.
+        """Record what the shadow counters would have refused and let the call go."""
+        self._emit_shadow_refused(attempt, reason, policy, **detail)
+        return let_go(
+            Decision(Result.DENY, reason, 0, attempt.call_id, number, policy.rate), tenant
+        )
+
+    def _emit_shadow_refused(
+        self, attempt: CallAttempt, reason: Reason, policy: PolicyResult, **detail: object
+    ) -> None:
+        """Record what Guard would have refused (``shadow_refused``).
 
         Not counted towards IP blocks: a customer trying out a tight limit must not get its own
         PBX blocked.
@@ -412,7 +526,6 @@ class Engine:
                 },
             )
         )
-        return let_go(Decision(Result.DENY, reason, 0, attempt.call_id, number, rate), tenant)
 
     def _refuse(
         self,

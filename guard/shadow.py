@@ -68,9 +68,9 @@ def enforced_in_shadow(reason: Reason, tenant: TenantConfig) -> bool:
 
 
 def let_go(decision: Decision, tenant: TenantConfig) -> Decision:
-    """What a call in shadow mode gets instead of ``decision`` (the engine's, and ``guard
-    check``'s preview of it): it goes out for the tenant's longest call; an allowed one is marked
-    ``detail="shadow"``, a would-be refusal becomes ``Reason.SHADOW`` with the reason as detail."""
+    """What a call in shadow mode gets instead of ``decision``: it goes out for the tenant's
+    longest call; an allowed one is marked ``detail="shadow"``, a would-be refusal becomes
+    ``Reason.SHADOW`` with the reason as detail."""
     if decision.reason is Reason.ALLOWED:
         return dataclasses.replace(decision, max_seconds=tenant.max_call_seconds, detail="shadow")
     return dataclasses.replace(
@@ -80,3 +80,13 @@ def let_go(decision: Decision, tenant: TenantConfig) -> Decision:
         max_seconds=tenant.max_call_seconds,
         detail=decision.reason.value,
     )
+
+
+def shadowed(decision: Decision, tenant: TenantConfig) -> Decision:
+    """What a call in shadow mode gets for ``decision``, the verdict of the checks or of a lock in
+    the live counters: the refusal stands if shadow mode enforces its reason, else it is let go.
+
+    The verdicts of the shadow counters (their lock, learned User-Agent, limits, or their being
+    unreachable) are always let go (``let_go``): they are what is tried out.
+    """
+    return decision if enforced_in_shadow(decision.reason, tenant) else let_go(decision, tenant)

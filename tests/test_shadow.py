@@ -319,15 +319,6 @@ async def test_shadow_reservations_outlast_the_tenants_longest_call_then_are_swe
     assert (await live.counters(ACME, DAY)).total.spent == 0
 
 
-async def test_preview_reads_the_shadow_counters(live: RedisLedger, shadow: RedisLedger) -> None:
-    engine, _, _ = _engine(live, shadow, shadow_tenant())
-    await engine.authorize(make_attempt(number=UK_MOBILE, call_id="v1"))
-    preview = await engine.preview(make_attempt(number=UK_MOBILE, call_id="v2"))
-    assert preview.shadow
-    assert preview.decision.reason is Reason.DAILY_LIMIT_EXTENSION
-    assert preview.tenant_today is not None and preview.tenant_today.reserved == money("5")
-
-
 async def test_shadow_refusals_reach_the_audit_table(
     live: RedisLedger, shadow: RedisLedger, sqlite_url: str
 ) -> None:

@@ -3,15 +3,14 @@
 The snapshot is built from SQL and the engine from the settings, exactly as ``guard serve`` does
 (``build_services``), and the perimeter's copy of the IP blocks and threat lists is read from the
 counter store once, as ``guard serve`` refreshes it every second; ``Engine.preview`` then decides
-without reserving, learning or counting. The ledger's own refusals that precede the limits (a
-runtime lock, a learned User-Agent that differs) are read here so that the dry run says what a
-live call would get. A call in shadow mode (``guard.shadow``) is shown as the engine would let it
-go, with the verdict it would have had if enforced (``ShadowPreview``).
+without reserving, learning or counting, the ledger's own checks before the limits (a runtime
+lock, a learned User-Agent that differs) included. A call in shadow mode (``guard.shadow``) is
+shown as the engine would let it go, with the verdict it would have had if enforced
+(``ShadowPreview``): both are the engine's, never derived here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -34,18 +33,15 @@ from guard.cli.common import (
     warn,
     when,
 )
-from guard.domain import CallAttempt, CheckOutcome, Decision, Reason, Result, UaLockMode
+from guard.domain import CallAttempt, CheckOutcome, Decision, Reason, Result
 from guard.errors import StorageError, ValidationError
 from guard.schedule import tenant_day, zone
 from guard.settings import Settings
-from guard.shadow import enforced_in_shadow, in_shadow, let_go
 from guard.snapshot import ExtensionConfig, TenantConfig
 
 if TYPE_CHECKING:
     from guard.engine import Preview
-    from guard.ledger import RedisLedger
     from guard.perimeter import Perimeter
-    from guard.service import Services
 
 CALL_ID = "guard-check"
 
@@ -65,10 +61,8 @@ def to_moment(_ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 @dataclass(frozen=True, slots=True)
 class ShadowPreview:
-    """A call judged in shadow mode: the verdict it would have had if enforced.
-
-    The limits are judged on the shadow counters, as the engine judges them in shadow mode.
-    """
+    """A call judged in shadow mode: the verdict it would have had if enforced (the engine's
+    ``Preview.enforced``; the limits are judged on the shadow counters)."""
 
     #: ``tenant`` (the whole tenant is in shadow mode) or ``extension`` (only this one).
     scope: str
@@ -87,14 +81,17 @@ class DryRun:
     """What ``guard check`` found: the decision, the checks in order, and today's counters."""
 
     attempt: CallAttempt
-    #: What the call gets: in shadow mode, ``ALLOW`` unless the refusal stands (``shadow``).
-    decision: Decision
     preview: Preview
     checks: tuple[CheckOutcome, ...]
     at: datetime
     shadow: ShadowPreview | None = None
     #: Why the IP blocks and threat lists could not be read (the dry run then ignores them).
     perimeter_error: str = ""
+
+    @property
+    def decision(self) -> Decision:
+        """What the call gets: in shadow mode, ``ALLOW`` unless the refusal stands (``shadow``)."""
+        return self.preview.decision
 
     @property
     def tenant(self) -> TenantConfig | None:
@@ -113,52 +110,6 @@ def _moment(at: datetime | None, timezone: str) -> datetime:
     return at.replace(tzinfo=local) if at.tzinfo is None else at.astimezone(local)
 
 
-async def runtime_outcome(
-    ledger: RedisLedger,
-    attempt: CallAttempt,
-    extension: ExtensionConfig,
-    *,
-    name: str = "runtime_lock",
-    learn: bool = True,
-) -> CheckOutcome:
-    """The ledger's checks before the limits, read-only: the runtime lock, then in ``learn``
-    mode the learned User-Agent (a different one would lock the extension)."""
-    state = await ledger.extension_state(attempt.tenant, extension.name)
-    if state.locked:
-        reason = state.lock_reason or "no reason given"
-        return CheckOutcome(name, False, Reason.EXTENSION_LOCKED, f"locked: {reason}")
-    if not learn or extension.ua_mode is not UaLockMode.LEARN:
-        return CheckOutcome(name, True, None, "not locked")
-    learned = state.learned_user_agent
-    if learned is None:
-        return CheckOutcome(name, True, None, "nothing learned yet: would learn it")
-    if learned != attempt.user_agent:
-        return CheckOutcome(
-            name,
-            False,
-            Reason.USER_AGENT_MISMATCH,
-            f"differs from the learned User-Agent {learned!r}: would lock the extension",
-        )
-    return CheckOutcome(name, True, None, "matches the learned User-Agent")
-
-
-async def runtime_outcomes(
-    services: Services, attempt: CallAttempt, extension: ExtensionConfig, *, shadow: bool
-) -> list[CheckOutcome]:
-    """``runtime_outcome`` as the engine applies it: in shadow mode only a lock in the live
-    counters refuses; the learned User-Agent and a lock of the shadow counters (``shadow_lock``)
-    are judged there, like the limits."""
-    if not shadow:
-        return [await runtime_outcome(services.ledger, attempt, extension)]
-    live = await runtime_outcome(services.ledger, attempt, extension, learn=False)
-    if not live.passed:
-        return [live]
-    return [
-        live,
-        await runtime_outcome(services.shadow_ledger, attempt, extension, name="shadow_lock"),
-    ]
-
-
 async def refresh_perimeter(perimeter: Perimeter) -> str:
     """Read the IP blocks and threat lists as ``guard serve`` does (``Perimeter.refresh``);
     the error that kept them unread, else ``""``."""
@@ -169,8 +120,8 @@ async def refresh_perimeter(perimeter: Perimeter) -> str:
     return ""
 
 
-def _limits_outcome(preview: Preview) -> CheckOutcome:
-    decision = preview.decision
+def _limits_outcome(preview: Preview, decision: Decision) -> CheckOutcome:
+    """The limits' verdict (``decision``) as one more check."""
     if preview.store_error:
         tenant = preview.policy.tenant
         mode = tenant.fail_mode if tenant is not None else "deny"
@@ -188,45 +139,17 @@ async def dry_run(settings: Settings, attempt: CallAttempt, at: datetime | None)
     services = build_services(settings)
     try:
         perimeter_error = await refresh_perimeter(services.perimeter)
-        snapshot = services.snapshots.current
-        tenant = snapshot.tenant(attempt.tenant)
-        extension = snapshot.extension(attempt.tenant, attempt.extension)
-        shadow = in_shadow(tenant, extension)
+        tenant = services.snapshots.current.tenant(attempt.tenant)
         moment = _moment(at, tenant.timezone if tenant is not None else "UTC")
         preview = await services.engine.preview(attempt, moment.timestamp())
-        policy, decision = preview.policy, preview.decision
-        checks = list(policy.outcomes)
-        # In shadow mode a refusal of the checks stands if shadow mode enforces its reason; of
-        # the counters (limits, store, shadow lock) never, but a lock in the live ones does.
-        stands = tenant is None or enforced_in_shadow(decision.reason, tenant)
-        if policy.passed and not policy.is_emergency and policy.extension is not None:
-            runtime: list[CheckOutcome] = []
-            if not preview.store_error:
-                runtime = await runtime_outcomes(services, attempt, policy.extension, shadow=shadow)
-                checks.extend(runtime)
-            checks.append(_limits_outcome(preview))
-            refused = next((outcome for outcome in runtime if outcome.reason is not None), None)
-            if refused is not None and refused.reason is not None:
-                decision = dataclasses.replace(
-                    decision, result=Result.DENY, reason=refused.reason, max_seconds=0
-                )
-            stands = refused is not None and refused.name == "runtime_lock"
-        preview_of_shadow = None
-        if shadow and tenant is not None and not policy.is_emergency:
+        checks = list(preview.policy.outcomes)
+        if preview.limits is not None:
+            checks += [*preview.runtime, _limits_outcome(preview, preview.limits)]
+        shadow = None
+        if preview.enforced is not None and tenant is not None:
             scope = "tenant" if tenant.shadow else "extension"
-            stands = stands and decision.reason is not Reason.ALLOWED
-            preview_of_shadow = ShadowPreview(scope, decision, stands)
-            if not stands:
-                decision = let_go(decision, tenant)
-        return DryRun(
-            attempt,
-            decision,
-            preview,
-            tuple(checks),
-            moment,
-            preview_of_shadow,
-            perimeter_error,
-        )
+            shadow = ShadowPreview(scope, preview.enforced, stands=not preview.decision.allowed)
+        return DryRun(attempt, preview, tuple(checks), moment, shadow, perimeter_error)
     finally:
         await services.close()
 
