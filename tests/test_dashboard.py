@@ -278,3 +278,92 @@ async def test_a_tenant_not_in_shadow_mode_shows_no_shadow_counters_and_reads_no
     assert all(extension["shadow"] is None for extension in tenant["extensions"])
     assert all("SHADOW" not in html and "data-shadow-of" not in html for html in pages)
     assert reads == []
+
+
+def _add_zeta(env: Harness) -> None:
+    """A second tenant, ``zeta`` (GBP, UK numbers), enforced, with extension ``2001``."""
+    repository.add_tenant(env.sql, "zeta", actor="test", currency="GBP", country_code="44")
+    repository.add_extension(env.sql, "zeta", "2001", actor="test")
+    env.reload()
+
+
+def _call_row(html: str, call_id: str) -> str:
+    """The live-calls table row of ``call_id``."""
+    start = html.index(f'<tr data-call="{call_id}"')
+    return html[start : html.index("</tr>", start)]
+
+
+async def test_live_calls_list_a_shadow_tenants_calls_marked_shadow(env: Harness) -> None:
+    repository.set_tenant(env.sql, "acme", actor="test", shadow=True)
+    _add_zeta(env)
+    shadowed = await env.authorize(extension="1002", number=PARIS)
+    enforced = await env.authorize(tenant="zeta", extension="2001", number=UK_MOBILE)
+    assert shadowed.allowed and enforced.allowed
+    assert await env.ledger.live_calls("acme") == []  # held by the shadow counters only
+    async with client_of(env.dashboard(actions=True)) as client:
+        body = await (await client.get("/api/calls")).json()
+        acme_only = await (await client.get("/api/calls?tenant=acme")).json()
+        zeta_only = await (await client.get("/api/calls?tenant=zeta")).json()
+        page = await (await client.get("/calls")).text()
+        metrics = await (await client.get("/metrics")).text()
+    shadow_call = row(body["calls"], call_id=shadowed.call_id)
+    assert shadow_call["shadow"] is True and shadow_call["tenant"] == "acme"
+    assert shadow_call["extension"] == "1002" and shadow_call["destination"] == "France"
+    assert shadow_call["reserved"] == parse_money("4.80")  # an hour to Paris at 0.08/min
+    live_call = row(body["calls"], call_id=enforced.call_id)
+    assert live_call["shadow"] is False and live_call["tenant"] == "zeta"
+    assert set(shadow_call) == set(live_call)  # one shape, the mark aside
+    assert (body["call_count"], body["shadow_call_count"]) == (2, 1)
+    assert [c["call_id"] for c in acme_only["calls"]] == [shadowed.call_id]
+    assert acme_only["shadow_call_count"] == 1
+    assert [c["call_id"] for c in zeta_only["calls"]] == [enforced.call_id]
+    assert zeta_only["shadow_call_count"] == 0
+    shadow_html, live_html = _call_row(page, shadowed.call_id), _call_row(page, enforced.call_id)
+    assert 'data-shadow="true"' in shadow_html and "SHADOW" in shadow_html
+    assert "4.8000 GBP" in shadow_html and "Hang up" not in shadow_html
+    assert "SHADOW" not in live_html and "data-shadow" not in live_html
+    assert "Hang up" in live_html
+    families = {family.name: family for family in text_string_to_metric_families(metrics)}
+    assert families["guard_live_calls"].samples[0].value == 1  # the live one only
+
+
+async def test_live_calls_read_no_shadow_counters_of_tenants_not_in_shadow_mode(
+    env: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shadow call left over from an earlier trial is not listed once the tenant enforces.
+    repository.set_tenant(env.sql, "acme", actor="test", shadow=True)
+    env.reload()
+    leftover = await env.authorize(extension="1002", number=PARIS)
+    repository.set_tenant(env.sql, "acme", actor="test", shadow=False)
+    _add_zeta(env)
+    live = await env.authorize(number=UK_MOBILE)
+    assert leftover.allowed and live.allowed
+    reads: list[str] = []
+    real = env.shadow_ledger.live_calls
+
+    async def counting(tenant: str) -> Any:
+        reads.append(tenant)
+        return await real(tenant)
+
+    monkeypatch.setattr(env.shadow_ledger, "live_calls", counting)
+    async with client_of(env.dashboard(stream_interval=0.05)) as client:
+        body = await (await client.get("/api/calls")).json()
+        page = await (await client.get("/calls")).text()
+        await client.get("/metrics")
+        stream = await client.get("/stream?view=calls")
+        fragment = json.loads(
+            (await stream.content.readuntil(b"\n\n")).decode().split("data: ")[1]
+        )["calls"]
+        stream.close()
+    assert reads == []
+    assert [c["call_id"] for c in body["calls"]] == [live.call_id]
+    assert body["calls"][0]["shadow"] is False and body["shadow_call_count"] == 0
+    assert all("SHADOW" not in html and "data-shadow" not in html for html in (page, fragment))
+    # Once one extension of acme is in shadow mode, acme's shadow calls are read; zeta's never.
+    repository.set_extension(env.sql, "acme", "1002", actor="test", shadow=True)
+    env.reload()
+    async with client_of(env.dashboard()) as client:
+        body = await (await client.get("/api/calls")).json()
+    assert reads == ["acme"]
+    assert row(body["calls"], call_id=leftover.call_id)["shadow"] is True
+    assert row(body["calls"], call_id=live.call_id)["shadow"] is False

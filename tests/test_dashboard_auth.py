@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-from dashboard_support import UK_MOBILE, Harness, client_of, csrf_of, harness
+from dashboard_support import PARIS, UK_MOBILE, Harness, client_of, csrf_of, harness
 from sqlalchemy.orm import Session as SqlSession
 
 from guard.ari.testing import AriStandIn
@@ -24,6 +24,7 @@ from guard.dashboard.server import ari_hangup, run_dashboard
 from guard.domain import Reason
 from guard.errors import ConfigurationError
 from guard.events import EventKind
+from guard.schedule import tenant_day
 from guard.settings import load_settings
 
 PASSWORD = "correct horse battery staple"
@@ -315,6 +316,50 @@ async def test_hang_up_needs_ari_and_a_live_call(env: Harness) -> None:
     assert "Hang up" in page
     assert unknown.status == 404 and done.status == 200
     assert hung == [decision.call_id]
+
+
+async def test_hang_up_reaches_live_calls_only_and_changes_no_counters(env: Harness) -> None:
+    repository.set_extension(env.sql, "acme", "1002", actor="test", shadow=True)
+    env.reload()
+    live = await env.authorize(number=UK_MOBILE)
+    shadowed = await env.authorize(extension="1002", number=PARIS)
+    day = tenant_day("Europe/London", time.time())
+    before = (
+        await env.ledger.counters("acme", day),
+        await env.shadow_ledger.counters("acme", day),
+        await env.ledger.live_calls("acme"),
+        await env.shadow_ledger.live_calls("acme"),
+    )
+    assert [call.call_id for call in before[3]] == [shadowed.call_id]
+    hung: list[str] = []
+
+    async def hangup(channel_id: str) -> bool:
+        hung.append(channel_id)
+        return True
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with client_of(env.dashboard(hangup, token=TOKEN, actions=True)) as client:
+        page = await (await client.get("/calls", headers=auth)).text()
+        refused = await client.post(
+            "/api/actions/hangup",
+            json={"tenant": "acme", "call_id": shadowed.call_id},
+            headers=auth,
+        )
+        refused_body = await refused.json()
+        done = await client.post(
+            "/api/actions/hangup", json={"tenant": "acme", "call_id": live.call_id}, headers=auth
+        )
+    assert page.count("Hang up") == 1 and page.count('data-shadow="true"') == 1
+    assert refused.status == 404 and refused_body["result"] == "not_found"
+    assert done.status == 200 and hung == [live.call_id]
+    # Hanging up settles nothing: the call's own settle does, on the counters that hold it.
+    after = (
+        await env.ledger.counters("acme", day),
+        await env.shadow_ledger.counters("acme", day),
+        await env.ledger.live_calls("acme"),
+        await env.shadow_ledger.live_calls("acme"),
+    )
+    assert after == before
 
 
 async def test_open_mode_on_loopback_still_checks_csrf(env: Harness) -> None:

@@ -222,7 +222,7 @@ def test_the_grafana_dashboard_uses_only_exported_metrics() -> None:
     overview = {"tenants": [row], "tenant_count": 1, "status": {"config_version": 1}}
     families = exporter._families(
         {**overview, "store_error": ""},
-        {"call_count": 0, "store_error": ""},
+        {"call_count": 0, "shadow_call_count": 0, "store_error": ""},
         {"blocked_ips": []},
         5,
     )

@@ -563,6 +563,8 @@ class Dashboard:
         return 200, "unblocked"
 
     async def _hangup(self, tenant: str, call_id: str) -> tuple[int, str]:
+        """Hang up a call the live counters hold; counters are left to its settle. A call of
+        the shadow counters (shadow mode) is ``not_found`` here: the page offers it no button."""
         if self.hangup is None:
             return 503, "ari_not_configured"
         if tenant not in self.data.snapshot.tenants or not call_id:

@@ -4,7 +4,8 @@ Reads only: the ledger's counters and live calls, the event feed, the IP blocks,
 configuration snapshot (tenants, extensions, limits, time zones, currencies). For a tenant in
 shadow mode (``guard.shadow``: the tenant, or one of its extensions) the shadow counters are read
 too, and shown apart as its row's ``shadow`` object (``None`` for every other tenant, which costs
-no extra read): what its calls would have spent, reserved and held live, nothing enforced.
+no extra read): what its calls would have spent, reserved and held live, nothing enforced. Its
+calls in progress on the shadow counters are listed among the live calls, marked ``shadow``.
 Amounts stay integers in sub-units (``guard.money``) and times stay epoch seconds beside the
 tenant's time zone; formatting is the renderer's job. A counter store that fails or times out
 never breaks a page: the part it feeds is empty and ``store_error`` says why. Results are cached
@@ -24,7 +25,7 @@ from guard.engine import SnapshotHolder
 from guard.errors import StorageError
 from guard.feed import EventFeed, FeedEvent, utc_day
 from guard.ledger.redis_ledger import RedisLedger
-from guard.ledger.types import ExtensionState, SpendCounters, TenantCounters
+from guard.ledger.types import ExtensionState, LiveCall, SpendCounters, TenantCounters
 from guard.schedule import tenant_day
 from guard.shadow import in_shadow
 from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
@@ -358,20 +359,33 @@ class DashboardData:
         }
 
     async def calls(self, tenant: str | None = None) -> JSON:
-        """Live calls (open reservations) of one tenant or all, longest-running first."""
+        """Live calls (open reservations) of one tenant or all, longest-running first.
+
+        A tenant in shadow mode adds its calls held by the shadow counters (all of them, as its
+        ``shadow`` row counts them), each marked ``shadow: true``; ``call_count`` counts both
+        kinds, ``shadow_call_count`` the shadow ones, so that live-only totals stay at hand.
+        """
         return await self._cached(("calls", tenant), lambda: self._calls(tenant))
 
     async def _calls(self, tenant: str | None) -> JSON:
         now = self.clock()
         tenants = self.snapshot.tenants
         names = [tenant] if tenant is not None else list(tenants)
+        # (shadow?, read), in one batch: shadow reads only for tenants in shadow mode.
+        reads: list[tuple[bool, Awaitable[list[LiveCall]]]] = []
+        for name in names:
+            config = tenants.get(name)
+            if config is None:
+                continue
+            reads.append((False, self.ledger.live_calls(name)))
+            if self.shadow_scope(config) is not None and self.shadow_ledger is not None:
+                reads.append((True, self.shadow_ledger.live_calls(name)))
         found = await asyncio.gather(
-            *(self._read(self.ledger.live_calls(name)) for name in names if name in tenants),
-            return_exceptions=True,
+            *(self._read(read) for _, read in reads), return_exceptions=True
         )
         rows: list[JSON] = []
         errors: list[str] = []
-        for result in found:
+        for (shadow, _), result in zip(reads, found, strict=True):
             if isinstance(result, StorageError):
                 errors.append(str(result))
                 continue
@@ -395,13 +409,15 @@ class DashboardData:
                         "reserved": call.reserved,
                         "max_seconds": call.max_seconds,
                         "deadline": call.deadline,
+                        "shadow": shadow,
                     }
                 )
-        rows.sort(key=lambda row: (row["started"], row["tenant"], row["call_id"]))
+        rows.sort(key=lambda row: (row["started"], row["tenant"], row["call_id"], row["shadow"]))
         return {
             "now": now,
             "tenant": tenant,
             "call_count": len(rows),
+            "shadow_call_count": sum(1 for row in rows if row["shadow"]),
             "calls": rows[:MAX_ROWS],
             "store_error": errors[0] if errors else "",
         }

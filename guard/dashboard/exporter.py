@@ -71,7 +71,9 @@ def _families(
             "guard_tenants", "Tenants in the configuration", value=overview["tenant_count"]
         ),
         GaugeMetricFamily(
-            "guard_live_calls", "Live calls of every tenant together", value=calls["call_count"]
+            "guard_live_calls",
+            "Live calls of every tenant together (not those of shadow mode)",
+            value=calls["call_count"] - calls["shadow_call_count"],
         ),
         GaugeMetricFamily(
             "guard_blocked_ips", "Source IPs blocked right now", value=len(security["blocked_ips"])
