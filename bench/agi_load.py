@@ -102,6 +102,8 @@ class Measurement:
     settle: Summary = field(default_factory=lambda: Summary.of([]))
     server_cpu_us_per_session: float = 0.0
     redis_cpu_us_per_session: float = 0.0
+    #: The load generator's own CPU (this process): on these two shared cores it bounds the rest.
+    generator_cpu_us_per_session: float = 0.0
     late_calls: int = 0
     #: Errors while warming up (a cold pool of Redis connections), reported apart.
     warmup_errors: int = 0
@@ -316,18 +318,21 @@ def measure(
             driver.settle.clear()
             driver.sessions = 0
             cpu, redis_cpu = tree_cpu_seconds(server.pid), redis_cpu_seconds(redis_url)
+            generator_cpu = time.process_time()
             began = time.perf_counter()
             if rate > 0:
                 result.late_calls = await driver.paced(measured, rate, concurrency)
             else:
                 await driver.saturate(measured, concurrency)
             result.seconds = time.perf_counter() - began
+            generator_cpu = time.process_time() - generator_cpu
             cpu = tree_cpu_seconds(server.pid) - cpu
             redis_cpu = redis_cpu_seconds(redis_url) - redis_cpu
             result.sessions = driver.sessions
             result.sessions_per_s = round(driver.sessions / result.seconds, 1)
             per_session = 1e6 / max(driver.sessions, 1)
             result.server_cpu_us_per_session = round(cpu * per_session, 1)
+            result.generator_cpu_us_per_session = round(generator_cpu * per_session, 1)
             if target.checks:
                 result.redis_cpu_us_per_session = round(redis_cpu * per_session, 1)
             days.add(tenant_day("Europe/London", time.time()))
@@ -357,6 +362,7 @@ def _print(result: Measurement) -> None:
         f"  authorize p50/p99/max {result.authorize.p50:.2f}/{result.authorize.p99:.2f}/"
         f"{result.authorize.max:.1f} ms  settle p99 {result.settle.p99:.2f} ms"
         f"  cpu {result.server_cpu_us_per_session:.0f} us/sess"
+        f" (generator {result.generator_cpu_us_per_session:.0f})"
         f"  errors {len(result.errors)} (+{result.warmup_errors} warming up)"
         f"  late {result.late_calls}",
         flush=True,
