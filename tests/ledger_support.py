@@ -1,7 +1,8 @@
 """Helpers shared by the ledger tests: request builders and private Redis servers.
 
 A private ``redis-server`` (a plain one, a one-node Cluster, or a master with a Sentinel) runs on a
-free loopback port, or on a Unix socket only, so that a test may stop, pause or flush it without
+free loopback port, on a TLS port only (certificates from a ``trustme`` test CA), or on a Unix
+socket only, so that a test may stop, pause or flush it without
 disturbing the shared test Redis that other tests use at the same time.
 """
 
@@ -13,11 +14,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import redis
+import trustme
 
 from guard.domain import DestinationClass, Rate
 from guard.ledger.types import ReserveRequest
@@ -84,9 +86,36 @@ def wait_until(check: Callable[[], object], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA certificate, and a certificate chain and its private key issued by that CA (PEM)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def tls_files(ca: trustme.CA, directory: Path, *identities: str) -> TlsFiles:
+    """Write ``ca``'s certificate and a certificate it issues for ``identities`` (host names, IP
+    addresses, or a client's name) under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    issued = ca.issue_cert(*identities)
+    files = TlsFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    ca.cert_pem.write_to_path(str(files.ca))
+    files.cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(files.key))
+    return files
+
+
 class RedisProcess:
     """One private ``redis-server`` without persistence, on a free loopback port or, given
-    ``unix_socket``, on that socket alone (``--port 0``); ``password`` is its ``requirepass``."""
+    ``unix_socket``, on that socket alone (``--port 0``); ``password`` is its ``requirepass``.
+
+    Given ``tls`` (the server's certificate, its key and the CA that issued it), it listens on a
+    free loopback TLS port alone (``--port 0``); ``tls_auth_clients`` (``no``, ``optional`` or
+    ``yes``) says whether clients must show a certificate from that CA, and ``client_tls`` is the
+    one ``client()`` shows.
+    """
 
     def __init__(
         self,
@@ -95,12 +124,18 @@ class RedisProcess:
         config_file: Path | None = None,
         unix_socket: Path | None = None,
         password: str | None = None,
+        tls: TlsFiles | None = None,
+        tls_auth_clients: str = "no",
+        client_tls: TlsFiles | None = None,
     ) -> None:
         self.workdir = workdir
         self.options = options
         self.config_file = config_file
         self.unix_socket = unix_socket
         self.password = password
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
+        self.client_tls = client_tls
         self.port = 0 if unix_socket else free_port()
         self.process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +144,8 @@ class RedisProcess:
     def url(self) -> str:
         if self.unix_socket:
             return f"unix://{self.unix_socket}"
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, db: int = 0) -> redis.Redis:
@@ -119,12 +156,30 @@ class RedisProcess:
                 password=self.password,
                 socket_timeout=2,
             )
+        if self.tls:
+            client_tls = self.client_tls
+            return redis.Redis(
+                port=self.port,
+                db=db,
+                password=self.password,
+                socket_timeout=2,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca),
+                ssl_check_hostname=False,  # the helper trusts the CA whatever name it certifies
+                ssl_certfile=str(client_tls.cert) if client_tls else None,
+                ssl_keyfile=str(client_tls.key) if client_tls else None,
+            )
         return redis.Redis(port=self.port, db=db, password=self.password, socket_timeout=2)
 
     def start(self) -> RedisProcess:
         args = [REDIS_SERVER] + ([str(self.config_file)] if self.config_file else [])
         if self.unix_socket:
             args += ["--port", "0", "--unixsocket", str(self.unix_socket)]
+        elif self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1"]
+            args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            args += ["--tls-ca-cert-file", str(self.tls.ca)]
+            args += ["--tls-auth-clients", self.tls_auth_clients]
         else:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
         if self.password:
@@ -168,6 +223,8 @@ def start_cluster(workdir: Path) -> RedisProcess:
         "yes",
         "--cluster-config-file",
         str(workdir / "nodes.conf"),
+        "--cluster-port",  # the bus port: port + 10000 is past 65535 for a port above 55535
+        str(free_port()),
     ).start()
     try:
         with node.client() as client:

@@ -2,7 +2,8 @@
 
 The shared test Redis serves what disturbs nobody (keys under the test's prefix); a private
 ``redis-server`` (``ledger_support.RedisProcess``) serves what would disturb other tests: a script
-cache flush, a slow script, a password, a kill, and ``unix://`` (a server on a Unix socket only).
+cache flush, a slow script, a password, a kill, ``unix://`` (a server on a Unix socket only) and
+``rediss://`` (a server on a TLS port only, its certificates from a ``trustme`` test CA).
 ``StandIn`` is a tiny local asyncio server that plays a Redis that misbehaves: silent, answering
 garbage or answering what nobody asked.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,8 +20,10 @@ from typing import Any, TypeVar
 import hiredis
 import pytest
 import redis
+import trustme
 import uvloop
-from ledger_support import DAY, NOW, RATE, RedisProcess, request
+from ledger_support import DAY, NOW, RATE, RedisProcess, request, tls_files
+from redis.asyncio.connection import RedisSSLContext
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 
 from guard.errors import ConfigurationError, StorageError
@@ -709,7 +713,6 @@ def test_from_url_parses_a_unix_socket_path_db_user_and_password() -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "rediss://localhost:6380/0",
         "unix://",
         "unix://:pw@?db=2",
         "http://localhost",
@@ -782,7 +785,7 @@ async def test_redis_url_ledger_runs_its_scripts_on_the_multiplexed_connection(
 
 
 @pytest.mark.parametrize(
-    "url", ["memory://", "redis+sentinel://127.0.0.1:1/svc/0", "rediss://127.0.0.1:1/0"]
+    "url", ["memory://", "redis+sentinel://127.0.0.1:1/svc/0", "redis+cluster://127.0.0.1:1"]
 )
 async def test_other_ledgers_have_no_multiplexed_connection(url: str) -> None:
     async with ledger_from_url(url, timeout=1.0) as ledger:
@@ -941,3 +944,230 @@ def test_unix_url_without_a_socket_path_is_a_configuration_error(url: str) -> No
 
     assert mask_url(url) in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+# --- rediss:// ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path, test_ca: trustme.CA) -> Iterator[RedisProcess]:
+    """A private Redis on a TLS port only, with ``requirepass``; its certificate names
+    127.0.0.1."""
+    tls = tls_files(test_ca, tmp_path / "tls", "127.0.0.1", "localhost")
+    server = RedisProcess(tmp_path / "redis", tls=tls, password=PASSWORD).start()
+    yield server
+    server.stop()
+
+
+def tls_url(server: RedisProcess, ca: Path | None = None, *, db: int = 0, options: str = "") -> str:
+    """``rediss://`` to ``server`` with its password, trusting ``ca`` (the server's CA)."""
+    assert server.tls is not None
+    ca_file = ca or server.tls.ca
+    return f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/{db}?ssl_ca_certs={ca_file}{options}"
+
+
+async def use_both_clients(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Reserve and settle a call (scripts, multiplexed) and ping (redis-py); the scripts run."""
+    ran = count_scripts(ledger, monkeypatch)
+    assert (await ledger.reserve(request())).allowed
+    settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
+    assert settled.outcome is SettleOutcome.SETTLED
+    await ledger.ping()
+    return ran
+
+
+async def both_clients_fail(ledger: RedisLedger) -> list[str]:
+    """The ``StorageError`` of a script (multiplexed) and of a ping (redis-py)."""
+    errors: list[str] = []
+    for operation in (lambda: ledger.reserve(request()), ledger.ping):
+        with pytest.raises(StorageError) as caught:
+            await within(3, operation())
+        errors.append(str(caught.value))
+    return errors
+
+
+def test_from_url_builds_redis_py_tls_context_with_its_defaults(tmp_path: Path) -> None:
+    ca = tls_files(trustme.CA(), tmp_path, "127.0.0.1").ca
+    conn = MultiplexedConnection.from_url(
+        f"rediss://bob:p%40ss@redis.example:6380/3?ssl_ca_certs={ca}"
+    )
+    assert (conn._address, conn._db, conn._username, conn._password) == (
+        ("redis.example", 6380),
+        3,
+        "bob",
+        "p@ss",
+    )
+    assert isinstance(conn._ssl_context, RedisSSLContext)  # redis-py's, built at first use
+    context = conn._ssl_context.get()
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname  # as redis-py's SSLConnection by default
+
+    lax = MultiplexedConnection.from_url("rediss://redis.example?ssl_cert_reqs=none")
+    assert isinstance(lax._ssl_context, RedisSSLContext)
+    assert lax._ssl_context.get().verify_mode is ssl.CERT_NONE
+    assert not lax._ssl_context.get().check_hostname
+
+    plain = MultiplexedConnection.from_url("redis://redis.example")
+    assert plain._ssl_context is None
+
+
+def test_rediss_url_with_an_invalid_tls_option_is_a_configuration_error() -> None:
+    url = "rediss://:hunter2@127.0.0.1:6380/0?ssl_cert_reqs=always"
+    with pytest.raises(ConfigurationError, match="Invalid SSL Certificate Requirements") as caught:
+        ledger_from_url(url)
+
+    assert mask_url(url) in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_rediss_url_ledger_counts_a_call_once_in_its_database_on_the_multiplexed_connection(
+    loop_factory: LoopFactory, tls_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = tls_url(tls_redis, db=2)
+
+    async def main() -> tuple[Any, ...]:
+        async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
+            assert isinstance(ledger._scripts, MultiplexedConnection)
+            assert ledger._scripts._ssl_context is not None
+            ran = count_scripts(ledger, monkeypatch)
+            whoami = await within(2, ledger._scripts.execute("ACL", "WHOAMI"))
+            reservation = await ledger.reserve(request())
+            live = await ledger.live_calls("acme")  # redis-py, over TLS, in the same database
+            settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
+            counters = await ledger.counters("acme", DAY)
+            await ledger.ping()
+            return whoami, ran, reservation, live, settled, counters
+
+    whoami, ran, reservation, live, settled, counters = run_on(loop_factory, main)
+
+    assert whoami == "default"  # AUTH over TLS
+    assert reservation.allowed
+    assert [call.call_id for call in live] == ["call-1"]
+    assert settled.outcome is SettleOutcome.SETTLED
+    assert (counters.total.spent, counters.total.reserved) == (call_cost(RATE, 30), 0)
+    assert len(ran) == len(set(ran)) == 3  # reserve, settle, counters: all multiplexed
+    assert script_runs(tls_redis) == 3  # and each ran exactly once
+    with tls_redis.client(db=2) as db2, tls_redis.client() as db0:
+        assert db2.keys("g:*")
+        assert db0.dbsize() == 0
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_rediss_server_certificate_from_another_ca_fails_naming_the_masked_url(
+    loop_factory: LoopFactory, tls_redis: RedisProcess, tmp_path: Path
+) -> None:
+    other_ca = tls_files(trustme.CA(), tmp_path / "other", "127.0.0.1").ca
+    url = tls_url(tls_redis, other_ca)
+
+    async def main() -> list[str]:
+        async with ledger_from_url(url, timeout=2.0) as ledger:
+            return await both_clients_fail(ledger)
+
+    for error in run_on(loop_factory, main):
+        assert error.startswith(f"counter store {mask_url(url)}: "), error
+        assert "CERTIFICATE_VERIFY_FAILED" in error, error
+        assert PASSWORD not in error
+    assert script_runs(tls_redis) == 0
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_rediss_with_ssl_cert_reqs_none_connects_to_a_certificate_from_another_ca(
+    loop_factory: LoopFactory,
+    tls_redis: RedisProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other_ca = tls_files(trustme.CA(), tmp_path / "other", "127.0.0.1").ca
+    url = tls_url(tls_redis, other_ca, options="&ssl_cert_reqs=none")
+
+    async def main() -> list[str]:
+        async with ledger_from_url(url, timeout=2.0) as ledger:
+            return await use_both_clients(ledger, monkeypatch)
+
+    assert len(run_on(loop_factory, main)) == 2
+    assert script_runs(tls_redis) == 2
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_rediss_checks_the_host_name_unless_told_not_to(
+    loop_factory: LoopFactory,
+    test_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tls = tls_files(test_ca, tmp_path / "tls", "redis.example")  # not 127.0.0.1
+    server = RedisProcess(tmp_path / "redis", tls=tls, password=PASSWORD)
+    server.start()
+    try:
+        checked = tls_url(server)
+        unchecked = tls_url(server, options="&ssl_check_hostname=false")
+
+        async def main() -> tuple[list[str], list[str]]:
+            async with ledger_from_url(checked, timeout=2.0) as ledger:
+                errors = await both_clients_fail(ledger)
+            async with ledger_from_url(unchecked, timeout=2.0) as ledger:
+                ran = await use_both_clients(ledger, monkeypatch)
+            return errors, ran
+
+        errors, ran = run_on(loop_factory, main)
+        assert script_runs(server) == 2
+    finally:
+        server.stop()
+
+    for error in errors:
+        assert error.startswith(f"counter store {mask_url(checked)}: "), error
+        assert "CERTIFICATE_VERIFY_FAILED" in error and "mismatch" in error, error
+    assert len(ran) == 2
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_rediss_client_certificate_from_the_url_is_shown_to_a_server_that_requires_one(
+    loop_factory: LoopFactory,
+    test_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tls = tls_files(test_ca, tmp_path / "tls", "127.0.0.1")
+    client_tls = tls_files(test_ca, tmp_path / "client", "guard-client")
+    server = RedisProcess(
+        tmp_path / "redis", tls=tls, tls_auth_clients="yes", client_tls=client_tls
+    ).start()
+    try:
+        anonymous = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={tls.ca}"
+        with_cert = f"{anonymous}&ssl_certfile={client_tls.cert}&ssl_keyfile={client_tls.key}"
+
+        async def main() -> tuple[list[str], list[str]]:
+            async with ledger_from_url(anonymous, timeout=2.0) as ledger:
+                errors = await both_clients_fail(ledger)
+            async with ledger_from_url(with_cert, timeout=2.0) as ledger:
+                ran = await use_both_clients(ledger, monkeypatch)
+            return errors, ran
+
+        errors, ran = run_on(loop_factory, main)
+        assert script_runs(server) == 2
+    finally:
+        server.stop()
+
+    assert all(error.startswith(f"counter store {anonymous}: ") for error in errors), errors
+    assert len(ran) == 2
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS)
+def test_rediss_with_a_missing_ca_file_fails_at_the_first_operation(
+    loop_factory: LoopFactory, tls_redis: RedisProcess, tmp_path: Path
+) -> None:
+    url = tls_url(tls_redis, tmp_path / "absent.pem")
+
+    async def main() -> list[str]:
+        async with ledger_from_url(url, timeout=2.0) as ledger:  # builds without reading it
+            return await both_clients_fail(ledger)
+
+    for error in run_on(loop_factory, main):
+        assert error.startswith(f"counter store {mask_url(url)}: "), error
+        assert PASSWORD not in error

@@ -16,8 +16,9 @@ the next command connects again. A peer that vanished without closing (no reply 
 FLUSH``, a restart or a failover) is answered by ``EVAL`` with the source, which caches it again.
 Nothing is retried otherwise: a script sent twice could run twice.
 
-Scope: a single Redis over TCP (``redis://``) or a Unix socket (``unix://``), with ``AUTH`` and
-``SELECT``. TLS, Sentinel and Cluster keep using redis-py (``guard.ledger.storage``).
+Scope: a single Redis over TCP (``redis://``), TLS (``rediss://``, with the TLS context redis-py
+builds from the URL's ``ssl_*`` options) or a Unix socket (``unix://``), with ``AUTH`` and
+``SELECT``. Sentinel and Cluster keep using redis-py (``guard.ledger.storage``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable, Sequence
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import (
+    RedisSSLContext,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
 #: Default seconds a command may wait for its reply before the connection counts as lost.
@@ -53,6 +60,15 @@ def _error(reply: hiredis.ReplyError) -> RedisError:
         # authenticated, sent before it would say NOAUTH: the URL has no password.
         return AuthenticationError(f"{message} (Redis requires a password; the URL gives none)")
     return ResponseError(message)
+
+
+def _ssl_context(options: Mapping[str, Any]) -> RedisSSLContext:
+    """The TLS context redis-py's ``SSLConnection`` makes of the URL's ``ssl_*`` options, with its
+    defaults: the server's certificate required, verified against ``ssl_ca_certs`` (or the
+    system's store) and its host name checked (not with ``ssl_cert_reqs=none``). Its files are
+    read when it is first used (``get()``), at the first connection, as redis-py does."""
+    ssl_options = {name: value for name, value in options.items() if name.startswith("ssl_")}
+    return SSLConnection(**ssl_options).ssl_context
 
 
 def _pack(args: Sequence[Argument]) -> bytes:
@@ -149,10 +165,16 @@ class MultiplexedConnection:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
+        ssl_context: ssl.SSLContext | RedisSSLContext | None = None,
         stale_after: float = STALE_AFTER,
     ) -> None:
-        """To ``host``:``port`` over TCP, or to the Unix socket ``path`` if one is given."""
+        """To ``host``:``port`` over TCP (over TLS with ``ssl_context``, the server's name being
+        ``host``; redis-py's ``RedisSSLContext`` is built at the first connection), or to the
+        Unix socket ``path`` if one is given."""
+        if path is not None and ssl_context is not None:
+            raise ValueError("TLS over a Unix socket is not supported")
         self._address: Address = (host, port) if path is None else path
+        self._ssl_context = ssl_context
         self._db = db
         self._username = username
         self._password = password
@@ -163,16 +185,21 @@ class MultiplexedConnection:
 
     @classmethod
     def from_url(cls, url: str, *, stale_after: float = STALE_AFTER) -> MultiplexedConnection:
-        """From a ``redis://`` or ``unix://`` URL (redis-py's syntax); ``ValueError`` for any
-        other scheme, or a ``unix://`` URL without a socket path."""
+        """From a ``redis://``, ``rediss://`` or ``unix://`` URL (redis-py's syntax, ``ssl_*``
+        options included); ``ValueError`` for any other scheme, or a ``unix://`` URL without a
+        socket path."""
         options = parse_url(url)
         path: str | None = None
-        if options.get("connection_class") is UnixDomainSocketConnection:
+        ssl_context: RedisSSLContext | None = None
+        connection_class = options.get("connection_class")
+        if connection_class is UnixDomainSocketConnection:
             path = options.get("path")
             if not path:
                 raise ValueError("the Unix socket path is missing (unix:///path/to/redis.sock)")
-        elif "connection_class" in options:
-            raise ValueError("only redis:// and unix:// URLs can be multiplexed (not TLS)")
+        elif connection_class is SSLConnection:
+            ssl_context = _ssl_context(options)
+        elif connection_class is not None:
+            raise ValueError("only redis://, rediss:// and unix:// URLs can be multiplexed")
         return cls(
             options.get("host", "localhost"),
             int(options.get("port", 6379)),
@@ -180,6 +207,7 @@ class MultiplexedConnection:
             db=int(options.get("db", 0)),
             username=options.get("username"),
             password=options.get("password"),
+            ssl_context=ssl_context,
             stale_after=stale_after,
         )
 
@@ -236,7 +264,13 @@ class MultiplexedConnection:
         if isinstance(self._address, str):
             _, protocol = await loop.create_unix_connection(factory, self._address)
         else:
-            _, protocol = await loop.create_connection(factory, *self._address)
+            host, port = self._address
+            tls = self._ssl_context
+            if isinstance(tls, RedisSSLContext):
+                tls = tls.get()  # cached: the files are read once
+            _, protocol = await loop.create_connection(
+                factory, host, port, ssl=tls, server_hostname=host if tls is not None else None
+            )
         try:
             if self._password is not None:
                 user = (self._username,) if self._username else ()

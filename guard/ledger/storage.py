@@ -16,6 +16,9 @@
   process. For a first run and for tests only: counters are neither shared between processes nor
   durable, which is logged loudly (once per process).
 
+With ``redis://``, ``rediss://`` and ``unix://`` the Lua scripts run on one multiplexed connection
+(``guard.ledger.multiplex``, with the same TLS options as redis-py), the rest on redis-py.
+
 A URL this module cannot use raises ``ConfigurationError`` naming it, password masked. Building a
 ledger does no I/O: the first operation connects.
 """
@@ -67,7 +70,8 @@ _REDIS_PORT = 6379
 class _Backend:
     client: RedisClient
     also_close: Sequence[Closable] = field(default_factory=tuple)
-    #: Runs the Lua scripts on one multiplexed connection (``redis://`` and ``unix://`` only).
+    #: Runs the Lua scripts on one multiplexed connection (``redis://``, ``rediss://`` and
+    #: ``unix://`` only).
     scripts: MultiplexedConnection | None = None
 
 
@@ -112,7 +116,7 @@ def _redis(url: str, timeout: float) -> _Backend:
 
 
 def _redis_multiplexed(url: str, timeout: float) -> _Backend:
-    """``_redis``, with the scripts on a multiplexed connection (plain TCP or Unix socket)."""
+    """``_redis``, with the scripts on a multiplexed connection (TCP, TLS or Unix socket)."""
     return dataclasses.replace(_redis(url, timeout), scripts=MultiplexedConnection.from_url(url))
 
 
@@ -181,7 +185,7 @@ def _memory(url: str, timeout: float) -> _Backend:
 #: URL scheme -> factory of the client that serves it.
 BACKENDS: dict[str, Callable[[str, float], _Backend]] = {
     "redis": _redis_multiplexed,
-    "rediss": _redis,
+    "rediss": _redis_multiplexed,
     "unix": _redis_multiplexed,
     "redis+sentinel": _sentinel,
     "redis+cluster": _cluster,
