@@ -17,6 +17,10 @@ import redis
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 
+from guard.ledger import ledger_from_url
+from guard.ledger.redis_ledger import RedisLedger
+from guard.shadow import shadow_prefix
+
 REDIS_URL = os.environ.get("GUARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_URL = os.environ.get(
     "GUARD_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -86,3 +90,24 @@ def shared_dir() -> Path:
             f"../shared/asterisk not found at {SHARED}: CI must put shared/ beside the repo"
         )
     return SHARED
+
+
+@pytest.fixture
+async def live(redis_url: str, key_prefix: str) -> AsyncIterator[RedisLedger]:
+    """The live counters under this test's key prefix."""
+    store = ledger_from_url(redis_url, prefix=key_prefix, timeout=1.0)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def shadow(redis_url: str, key_prefix: str) -> AsyncIterator[RedisLedger]:
+    """The shadow counters beside ``live`` (``guard.shadow``); their keys are deleted afterwards."""
+    prefix = shadow_prefix(key_prefix)
+    store = ledger_from_url(redis_url, prefix=prefix, timeout=1.0)
+    yield store
+    await store.close()
+    client = _require_redis()
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.delete(key)
+    client.close()

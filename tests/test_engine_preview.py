@@ -38,26 +38,6 @@ Twin = Callable[[Engine], Awaitable[Engine]]
 
 
 @pytest.fixture
-async def live(redis_url: str, key_prefix: str) -> AsyncIterator[RedisLedger]:
-    store = ledger_from_url(redis_url, prefix=key_prefix, timeout=1.0)
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def shadow(
-    redis_url: str, key_prefix: str, async_redis: aioredis.Redis
-) -> AsyncIterator[RedisLedger]:
-    """The shadow counters beside ``live``; their keys are deleted afterwards."""
-    prefix = shadow_prefix(key_prefix)
-    store = ledger_from_url(redis_url, prefix=prefix, timeout=1.0)
-    yield store
-    await store.close()
-    async for key in async_redis.scan_iter(match=f"{prefix}:*", count=1000):
-        await async_redis.delete(key)
-
-
-@pytest.fixture
 async def twin(redis_url: str, key_prefix: str, async_redis: aioredis.Redis) -> AsyncIterator[Twin]:
     """An engine like the one given, on a copy of its counters (live and shadow) made now, so
     that ``authorize`` there leaves alone the state the original previews."""

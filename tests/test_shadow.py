@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 from agi_support import StubAuthorizer, guard_server
 from click.testing import CliRunner
@@ -46,7 +45,6 @@ from guard.shadow import (
     PERIMETER_REASONS,
     enforced_in_shadow,
     in_shadow,
-    shadow_prefix,
 )
 from guard.snapshot import Snapshot
 
@@ -60,26 +58,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def live(redis_url: str, key_prefix: str) -> AsyncIterator[RedisLedger]:
-    store = ledger_from_url(redis_url, prefix=key_prefix, timeout=1.0)
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def shadow(redis_url: str, key_prefix: str) -> AsyncIterator[RedisLedger]:
-    """The shadow counters beside ``live``; their keys are deleted afterwards."""
-    prefix = shadow_prefix(key_prefix)
-    store = ledger_from_url(redis_url, prefix=prefix, timeout=1.0)
-    yield store
-    await store.close()
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.delete(key)
-    client.close()
 
 
 def _engine(
