@@ -94,6 +94,33 @@ def command_calls(server: RedisProcess, command: str) -> int:
     return int(stats.get("calls", 0)) + int(stats.get("rejected_calls", 0))
 
 
+async def call_in_db2(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """One 30 s call through ``ledger`` (reserve, live calls, settle, counters, ping), counting
+    the scripts sent over its multiplexed connection: ``[ran, reservation, live, settled,
+    counters]`` for ``assert_call_counted_once_in_db2``."""
+    ran = count_scripts(ledger, monkeypatch)
+    reservation = await ledger.reserve(request())
+    live = await ledger.live_calls("acme")  # redis-py, in the same database
+    settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
+    counters = await ledger.counters("acme", DAY)
+    await ledger.ping()
+    return [ran, reservation, live, settled, counters]
+
+
+def assert_call_counted_once_in_db2(server: RedisProcess, outcome: list[Any]) -> None:
+    """What ``call_in_db2`` must give on a ``g`` prefix in database 2 of ``server``."""
+    ran, reservation, live, settled, counters = outcome
+    assert reservation.allowed
+    assert [call.call_id for call in live] == ["call-1"]
+    assert settled.outcome is SettleOutcome.SETTLED
+    assert (counters.total.spent, counters.total.reserved) == (call_cost(RATE, 30), 0)
+    assert len(ran) == len(set(ran)) == 3  # reserve, settle, counters: all multiplexed
+    assert script_runs(server) == 3  # and each ran exactly once
+    with server.client(db=2) as db2, server.client() as db0:
+        assert db2.keys("g:*")
+        assert db0.dbsize() == 0
+
+
 def script_runs(server: RedisProcess) -> int:
     """Scripts the server ran to the end (an ``EVALSHA`` answered ``NOSCRIPT`` is not one)."""
     with server.client() as client:
@@ -801,30 +828,15 @@ def test_unix_url_ledger_counts_a_call_once_in_its_database_on_the_multiplexed_c
 ) -> None:
     url = f"{unix_redis.url}?db=2"
 
-    async def main() -> tuple[Any, ...]:
+    async def main() -> tuple[Any, list[Any]]:
         async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
             assert isinstance(ledger._scripts, MultiplexedConnection)
-            address = ledger._scripts._address
-            ran = count_scripts(ledger, monkeypatch)
-            reservation = await ledger.reserve(request())
-            live = await ledger.live_calls("acme")  # redis-py, in the same database
-            settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
-            counters = await ledger.counters("acme", DAY)
-            await ledger.ping()
-            return address, ran, reservation, live, settled, counters
+            return ledger._scripts._address, await call_in_db2(ledger, monkeypatch)
 
-    address, ran, reservation, live, settled, counters = run_on(loop_factory, main)
+    address, outcome = run_on(loop_factory, main)
 
     assert address == str(unix_redis.unix_socket)
-    assert reservation.allowed
-    assert [call.call_id for call in live] == ["call-1"]
-    assert settled.outcome is SettleOutcome.SETTLED
-    assert (counters.total.spent, counters.total.reserved) == (call_cost(RATE, 30), 0)
-    assert len(ran) == len(set(ran)) == 3  # reserve, settle, counters: all multiplexed
-    assert script_runs(unix_redis) == 3  # and each ran exactly once
-    with unix_redis.client(db=2) as db2, unix_redis.client() as db0:
-        assert db2.keys("g:*")
-        assert db0.dbsize() == 0
+    assert_call_counted_once_in_db2(unix_redis, outcome)
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
@@ -1031,31 +1043,17 @@ def test_rediss_url_ledger_counts_a_call_once_in_its_database_on_the_multiplexed
 ) -> None:
     url = tls_url(tls_redis, db=2)
 
-    async def main() -> tuple[Any, ...]:
+    async def main() -> tuple[Any, list[Any]]:
         async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
             assert isinstance(ledger._scripts, MultiplexedConnection)
             assert ledger._scripts._ssl_context is not None
-            ran = count_scripts(ledger, monkeypatch)
             whoami = await within(2, ledger._scripts.execute("ACL", "WHOAMI"))
-            reservation = await ledger.reserve(request())
-            live = await ledger.live_calls("acme")  # redis-py, over TLS, in the same database
-            settled = await ledger.settle("acme", "call-1", 30, NOW + 40)
-            counters = await ledger.counters("acme", DAY)
-            await ledger.ping()
-            return whoami, ran, reservation, live, settled, counters
+            return whoami, await call_in_db2(ledger, monkeypatch)  # redis-py over TLS too
 
-    whoami, ran, reservation, live, settled, counters = run_on(loop_factory, main)
+    whoami, outcome = run_on(loop_factory, main)
 
     assert whoami == "default"  # AUTH over TLS
-    assert reservation.allowed
-    assert [call.call_id for call in live] == ["call-1"]
-    assert settled.outcome is SettleOutcome.SETTLED
-    assert (counters.total.spent, counters.total.reserved) == (call_cost(RATE, 30), 0)
-    assert len(ran) == len(set(ran)) == 3  # reserve, settle, counters: all multiplexed
-    assert script_runs(tls_redis) == 3  # and each ran exactly once
-    with tls_redis.client(db=2) as db2, tls_redis.client() as db0:
-        assert db2.keys("g:*")
-        assert db0.dbsize() == 0
+    assert_call_counted_once_in_db2(tls_redis, outcome)
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS)
