@@ -121,6 +121,17 @@ def assert_call_counted_once_in_db2(server: RedisProcess, outcome: list[Any]) ->
         assert db0.dbsize() == 0
 
 
+async def both_clients_fail(ledger: RedisLedger, seconds: float = 3) -> list[str]:
+    """The ``StorageError`` of a script (multiplexed) and of a ping (redis-py), each within
+    ``seconds``."""
+    errors: list[str] = []
+    for operation in (lambda: ledger.reserve(request()), ledger.ping):
+        with pytest.raises(StorageError) as caught:
+            await within(seconds, operation())
+        errors.append(str(caught.value))
+    return errors
+
+
 def script_runs(server: RedisProcess) -> int:
     """Scripts the server ran to the end (an ``EVALSHA`` answered ``NOSCRIPT`` is not one)."""
     with server.client() as client:
@@ -935,13 +946,8 @@ def test_unix_url_to_a_missing_socket_fails_at_once_naming_the_masked_url(
     url = f"unix://:{PASSWORD}@{tmp_path / 'absent.sock'}?db=2"
 
     async def main() -> list[str]:
-        errors: list[str] = []
         async with ledger_from_url(url, timeout=2.0) as ledger:
-            for operation in (lambda: ledger.reserve(request()), ledger.ping):  # each client
-                with pytest.raises(StorageError) as caught:
-                    await within(1, operation())
-                errors.append(str(caught.value))
-        return errors
+            return await both_clients_fail(ledger, seconds=1)
 
     for error in run_on(loop_factory, main):
         assert error.startswith(f"counter store {mask_url(url)}: "), error
@@ -991,16 +997,6 @@ async def use_both_clients(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch)
     assert settled.outcome is SettleOutcome.SETTLED
     await ledger.ping()
     return ran
-
-
-async def both_clients_fail(ledger: RedisLedger) -> list[str]:
-    """The ``StorageError`` of a script (multiplexed) and of a ping (redis-py)."""
-    errors: list[str] = []
-    for operation in (lambda: ledger.reserve(request()), ledger.ping):
-        with pytest.raises(StorageError) as caught:
-            await within(3, operation())
-        errors.append(str(caught.value))
-    return errors
 
 
 def test_from_url_builds_redis_py_tls_context_with_its_defaults(tmp_path: Path) -> None:
