@@ -18,10 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import trustme
 
 from guard.domain import DestinationClass, Rate
+from guard.ledger import RedisLedger
+from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.types import ReserveRequest
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -64,6 +67,22 @@ _REQUEST = ReserveRequest(
 def request(**changes: Any) -> ReserveRequest:
     """A valid reservation request for tenant ``acme``, extension ``100``, with ``changes``."""
     return replace(_REQUEST, **changes)
+
+
+def count_scripts(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SHA1 of every script ``ledger`` runs from now on through its multiplexed connection
+    (which it must have)."""
+    scripts = ledger._scripts
+    assert isinstance(scripts, MultiplexedConnection)
+    ran: list[str] = []
+    evalsha = scripts.evalsha
+
+    async def counted(sha: str, source: str, keys: Any, args: Any) -> Any:
+        ran.append(sha)
+        return await evalsha(sha, source, keys, args)
+
+    monkeypatch.setattr(scripts, "evalsha", counted)
+    return ran
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 from factories import LONDON, make_attempt, make_snapshot
-from ledger_support import RedisProcess, free_port, wait_until
+from ledger_support import RedisProcess, count_scripts, free_port, wait_until
 
 from guard.domain import Reason, Result
 from guard.engine import Engine, EngineSettings, SnapshotHolder
@@ -291,15 +291,20 @@ async def _until(condition: Callable[[], bool], within: float) -> None:
 
 
 async def test_sentinel_set_serves_the_ledger_and_survives_a_master_kill(
-    sentinel_set: Topology,
+    sentinel_set: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The scripts run on the multiplexed connection, which follows the master the Sentinels
+    name."""
     clock = Clock()
     async with ledger_from_url(sentinel_set.url, prefix=PREFIX, timeout=TIMEOUT) as ledger:
+        ran = count_scripts(ledger, monkeypatch)
         engine = _engine(ledger, clock)
         await _core_operations(engine, ledger, clock)
+        before_failover = len(ran)
         old_master = _sentinel_master(sentinel_set)
         await _through_failover(engine, ledger, old_master)
         assert _sentinel_master(sentinel_set) is not old_master
+    assert 0 < before_failover < len(ran)
 
 
 async def test_cluster_serves_the_ledger_and_survives_a_master_kill(cluster: Topology) -> None:
@@ -315,7 +320,9 @@ async def test_cluster_serves_the_ledger_and_survives_a_master_kill(cluster: Top
 async def test_sentinel_failover_command_moves_the_master_without_losing_a_settle(
     sentinel_set: Topology,
 ) -> None:
-    """A planned ``SENTINEL FAILOVER``: calls reserved before it settle on the new master."""
+    """A planned ``SENTINEL FAILOVER``: calls reserved before it settle on the new master (the
+    old one, now a replica, drops its clients or answers READONLY: either way the multiplexed
+    connection asks the Sentinels again)."""
     clock = Clock()
     async with ledger_from_url(sentinel_set.url, prefix=PREFIX, timeout=TIMEOUT) as ledger:
         engine = _engine(ledger, clock)

@@ -18,7 +18,11 @@ Nothing is retried otherwise: a script sent twice could run twice.
 
 Scope: a single Redis over TCP (``redis://``), TLS (``rediss://``, with the TLS context redis-py
 builds from the URL's ``ssl_*`` options) or a Unix socket (``unix://``), with ``AUTH`` and
-``SELECT``. Sentinel and Cluster keep using redis-py (``guard.ledger.storage``).
+``SELECT``; or the master of a Sentinel set (``redis+sentinel://``, :meth:`following`), asked
+of the Sentinels at every connection. A ``READONLY`` reply (the server became a replica, as the
+old master does after a failover) drops the connection, so the next command finds the new
+master; no command has any effect on a replica, so failing the others then loses nothing.
+Cluster keeps using redis-py (``guard.ledger.storage``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -37,7 +41,13 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 #: Default seconds a command may wait for its reply before the connection counts as lost.
 STALE_AFTER = 2.0
@@ -45,6 +55,8 @@ STALE_AFTER = 2.0
 Argument = str | int
 #: ``(host, port)`` of a TCP server, or the path of a Unix socket.
 Address = tuple[str, int] | str
+#: Where the server is now, asked at every connection (a Sentinel set's current master).
+Locate = Callable[[], Awaitable[tuple[str, int]]]
 #: hiredis's own stub types it as taking a 1-tuple.
 _pack_command = cast("Callable[[tuple[Argument | bytes, ...]], bytes]", hiredis.pack_command)
 
@@ -53,6 +65,8 @@ def _error(reply: hiredis.ReplyError) -> RedisError:
     message = str(reply)
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
+    if message.startswith("READONLY"):
+        return ReadOnlyError(message)
     if message.startswith(("NOAUTH", "WRONGPASS")):
         return AuthenticationError(message)
     if "Protocol error: unauthenticated" in message:
@@ -103,17 +117,26 @@ class _RespProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        demoted: ReadOnlyError | None = None
         try:
             while (reply := self._reader.gets()) is not False:
                 future, _ = self._waiting.popleft()
+                error: Exception | None = None
+                if isinstance(reply, hiredis.ReplyError):
+                    error = _error(reply)
+                if isinstance(error, ReadOnlyError):
+                    demoted = error
+                    error = ConnectionError(f"redis server is a replica: {error}")
                 if future.done():  # its caller gave up (timeout or cancellation)
                     continue
-                if isinstance(reply, hiredis.ReplyError):
-                    future.set_exception(_error(reply))
-                else:
+                if error is None:
                     future.set_result(reply)
+                else:
+                    future.set_exception(error)
         except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or a reply nobody asked
             self.abort(ConnectionError(f"redis protocol error: {exc!r}"))
+        if demoted is not None:
+            self.abort(ConnectionError(f"redis server is a replica: {demoted}"))
 
     def overdue(self, now: float, stale_after: float) -> bool:
         """Whether the oldest waiting command has had no reply for ``stale_after`` seconds."""
@@ -179,6 +202,7 @@ class MultiplexedConnection:
         self._username = username
         self._password = password
         self._stale_after = stale_after
+        self._locate: Locate | None = None
         self._protocol: _RespProtocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[_RespProtocol] | None = None
@@ -210,6 +234,23 @@ class MultiplexedConnection:
             ssl_context=ssl_context,
             stale_after=stale_after,
         )
+
+    @classmethod
+    def following(
+        cls,
+        locate: Locate,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        stale_after: float = STALE_AFTER,
+    ) -> MultiplexedConnection:
+        """To the TCP server ``locate`` names, asked again at every connection: the current
+        master of a Sentinel set (its ``discover_master``), so that a reconnection after a
+        failover reaches the new one."""
+        connection = cls(db=db, username=username, password=password, stale_after=stale_after)
+        connection._locate = locate
+        return connection
 
     async def execute(self, *args: Argument) -> Any:
         """Send one command; its reply (``ResponseError`` for an error reply)."""
@@ -261,10 +302,11 @@ class MultiplexedConnection:
         def factory() -> _RespProtocol:
             return _RespProtocol(loop)
 
-        if isinstance(self._address, str):
-            _, protocol = await loop.create_unix_connection(factory, self._address)
+        address = self._address if self._locate is None else await self._locate()
+        if isinstance(address, str):
+            _, protocol = await loop.create_unix_connection(factory, address)
         else:
-            host, port = self._address
+            host, port = address
             tls = self._ssl_context
             if isinstance(tls, RedisSSLContext):
                 tls = tls.get()  # cached: the files are read once

@@ -10,7 +10,7 @@ Every operation is bounded by ``timeout`` (connect, send and answer together; a 
 least ``SETTLE_TIMEOUT``) and raises ``StorageError`` on any failure or timeout: the engine turns
 it into ``store_unavailable``. The client does not retry (a retried script could run twice), and
 a broken connection is replaced when it is next used, so the ledger recovers by itself once Redis
-is back. On ``redis://``, ``rediss://`` (TLS) or ``unix://`` the scripts run on one multiplexed
+is back. On every store but a Cluster and ``memory://`` the scripts run on one multiplexed
 connection (``guard.ledger.multiplex``), everything else on redis-py's pool.
 It never decides policy: limits and modes arrive in the request, reasons leave in the answer.
 """

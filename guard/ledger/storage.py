@@ -16,8 +16,9 @@
   process. For a first run and for tests only: counters are neither shared between processes nor
   durable, which is logged loudly (once per process).
 
-With ``redis://``, ``rediss://`` and ``unix://`` the Lua scripts run on one multiplexed connection
-(``guard.ledger.multiplex``, with the same TLS options as redis-py), the rest on redis-py.
+With ``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` the Lua scripts run on one
+multiplexed connection (``guard.ledger.multiplex``, with the same TLS options as redis-py; to the
+master the Sentinels name at each connection), the rest on redis-py.
 
 A URL this module cannot use raises ``ConfigurationError`` naming it, password masked. Building a
 ledger does no I/O: the first operation connects.
@@ -70,8 +71,8 @@ _REDIS_PORT = 6379
 class _Backend:
     client: RedisClient
     also_close: Sequence[Closable] = field(default_factory=tuple)
-    #: Runs the Lua scripts on one multiplexed connection (``redis://``, ``rediss://`` and
-    #: ``unix://`` only).
+    #: Runs the Lua scripts on one multiplexed connection (every scheme but ``redis+cluster://``
+    #: and ``memory://``).
     scripts: MultiplexedConnection | None = None
 
 
@@ -127,10 +128,17 @@ def _sentinel(url: str, timeout: float) -> _Backend:
         raise ValueError("the service name is missing (…/service_name[/db])")
     options = _client_options(timeout)
     sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(
-        service, db=int(db) if db else 0, username=username, password=password
+    database = int(db) if db else 0
+    client = sentinel.master_for(service, db=database, username=username, password=password)
+
+    async def master() -> tuple[str, int]:
+        host, port = await sentinel.discover_master(service)
+        return str(host), int(port)
+
+    scripts = MultiplexedConnection.following(
+        master, db=database, username=username, password=password
     )
-    return _Backend(client, also_close=(sentinel,))
+    return _Backend(client, also_close=(sentinel,), scripts=scripts)
 
 
 def _cluster(url: str, timeout: float) -> _Backend:
