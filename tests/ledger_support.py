@@ -24,6 +24,7 @@ import trustme
 
 from guard.domain import DestinationClass, Rate
 from guard.ledger import RedisLedger
+from guard.ledger.cluster import ClusterScripts
 from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.types import ReserveRequest
 
@@ -71,9 +72,9 @@ def request(**changes: Any) -> ReserveRequest:
 
 def count_scripts(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The SHA1 of every script ``ledger`` runs from now on through its multiplexed connection
-    (which it must have)."""
+    (or, on a Cluster, connections), which it must have."""
     scripts = ledger._scripts
-    assert isinstance(scripts, MultiplexedConnection)
+    assert isinstance(scripts, MultiplexedConnection | ClusterScripts)
     ran: list[str] = []
     evalsha = scripts.evalsha
 

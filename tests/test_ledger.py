@@ -19,6 +19,7 @@ from ledger_support import (
     NOW,
     RATE,
     RedisProcess,
+    count_scripts,
     request,
     start_cluster,
     start_sentinel,
@@ -737,10 +738,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
 
 
 async def test_cluster_url_serves_the_ledger_and_survives_script_flush(
-    cluster: RedisProcess,
+    cluster: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The scripts go over the multiplexed connection to the slot's master."""
     url = f"redis+cluster://127.0.0.1:{cluster.port}"
     async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
+        ran = count_scripts(ledger, monkeypatch)
         reservation = await ledger.reserve(request(ext_daily_limit=50_000))
         cluster.client().script_flush()
         settled = await ledger.settle("acme", "call-1", 45, NOW + 50)
@@ -750,6 +753,36 @@ async def test_cluster_url_serves_the_ledger_and_survives_script_flush(
     assert reservation.allowed
     assert settled.outcome is SettleOutcome.SETTLED
     assert counters.total.spent == call_cost(RATE, 45)
+    assert len(ran) == 4  # reserve, settle, counters, config version
+
+
+async def test_cluster_url_with_a_password_logs_in_on_every_connection(tmp_path: Path) -> None:
+    node = start_cluster(tmp_path / "cluster")
+    try:
+        with node.client() as client:
+            client.config_set("requirepass", "hunter2")
+        url = f"redis+cluster://:hunter2@127.0.0.1:{node.port}"
+        async with ledger_from_url(url, prefix="g", timeout=2.0) as ledger:
+            reservation = await ledger.reserve(request())
+            await ledger.settle("acme", "call-1", 10, NOW + 20)
+            counters = await ledger.counters("acme", DAY)
+        async with ledger_from_url(f"redis+cluster://127.0.0.1:{node.port}", timeout=2.0) as bad:
+            with pytest.raises(StorageError, match=r"CLUSTER SLOTS: .*NOAUTH"):
+                await bad.reserve(request(call_id="call-2"))
+    finally:
+        node.stop()
+
+    assert reservation.allowed
+    assert counters.total.spent == call_cost(RATE, 10)
+
+
+async def test_cluster_without_an_answering_node_raises_storage_error_naming_them() -> None:
+    async with ledger_from_url("redis+cluster://127.0.0.1:1,127.0.0.1:2", timeout=0.5) as ledger:
+        for operation in (ledger.reserve(request()), ledger.settle("acme", "call-1", 10, NOW)):
+            started = time.monotonic()
+            with pytest.raises(StorageError, match=r"CLUSTER SLOTS: 127\.0\.0\.1:[12]: "):
+                await operation
+            assert time.monotonic() - started < 1.0
 
 
 async def test_sentinel_url_finds_the_master(tmp_path: Path, private_redis: RedisProcess) -> None:

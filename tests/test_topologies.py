@@ -31,6 +31,7 @@ from guard.errors import StorageError
 from guard.events import EventBus
 from guard.ledger import RedisLedger, ledger_from_url
 from guard.ledger.keys import tenant_base
+from guard.ledger.types import SettleOutcome
 from guard.schedule import tenant_day
 
 SERVICE = "guardsvc"
@@ -307,14 +308,70 @@ async def test_sentinel_set_serves_the_ledger_and_survives_a_master_kill(
     assert 0 < before_failover < len(ran)
 
 
-async def test_cluster_serves_the_ledger_and_survives_a_master_kill(cluster: Topology) -> None:
+async def test_cluster_serves_the_ledger_and_survives_a_master_kill(
+    cluster: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scripts run on a multiplexed connection to the tenant's master, then to the replica
+    promoted in its place."""
     clock = Clock()
     async with ledger_from_url(cluster.url, prefix=PREFIX, timeout=TIMEOUT) as ledger:
+        ran = count_scripts(ledger, monkeypatch)
         engine = _engine(ledger, clock)
         await _core_operations(engine, ledger, clock)
+        before_failover = len(ran)
         old_master = _master_of_tenant(cluster)
         await _through_failover(engine, ledger, old_master)
         wait_until(lambda: _master_of_tenant(cluster) is not old_master, 5.0)
+    assert 0 < before_failover < len(ran)
+
+
+def _move_slot(topology: Topology, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+    """Reshard ``slot`` from ``source`` to ``target`` with its keys, as ``redis-cli --cluster
+    reshard`` does, and tell every master."""
+    with source.client() as src, target.client() as dst:
+        source_id, target_id = src.cluster("myid"), dst.cluster("myid")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for node in topology.processes:
+            with node.client() as client:
+                if client.info("replication")["role"] == "master":
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def test_cluster_resharding_moves_a_tenant_and_its_calls_settle_once_on_the_new_master(
+    cluster: Topology,
+) -> None:
+    """The ledger knows the old owner of the tenant's slot: its MOVED answer (the script did not
+    run there) sends the call once more, to the new owner, where the reservation now lives."""
+    clock = Clock()
+    async with ledger_from_url(cluster.url, prefix=PREFIX, timeout=TIMEOUT) as ledger:
+        engine = _engine(ledger, clock)
+        attempts = [make_attempt(extension="1002", call_id=f"moving-{i}") for i in range(3)]
+        assert all([(await engine.authorize(a)).allowed for a in attempts])
+        source = _master_of_tenant(cluster)
+        target = next(
+            node
+            for node in cluster.processes
+            if node is not source and node.client().info("replication")["role"] == "master"
+        )
+        with source.client() as client:
+            slot = client.cluster("keyslot", tenant_base(PREFIX, TENANT))
+        _move_slot(cluster, slot, source, target)
+        wait_until(lambda: _master_of_tenant(cluster) is target, 10.0)
+
+        settled = [await engine.settle(TENANT, a.call_id, 61) for a in attempts]
+        again = [await engine.settle(TENANT, a.call_id, 61) for a in attempts]
+        counters = await ledger.counters(TENANT, tenant_day("Europe/London", clock()))
+    assert {result.outcome for result in settled} == {SettleOutcome.SETTLED}
+    assert {result.outcome for result in again} == {SettleOutcome.ALREADY_SETTLED}
+    costs = [result.cost for result in settled]
+    assert costs[0] > 0 and len(set(costs)) == 1
+    assert counters.total.reserved == 0 and counters.total.live_calls == 0
+    assert counters.total.spent == sum(costs)
+    with target.client() as client:
+        assert client.cluster("countkeysinslot", slot) > 0
 
 
 async def test_sentinel_failover_command_moves_the_master_without_losing_a_settle(

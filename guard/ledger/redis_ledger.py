@@ -10,8 +10,8 @@ Every operation is bounded by ``timeout`` (connect, send and answer together; a 
 least ``SETTLE_TIMEOUT``) and raises ``StorageError`` on any failure or timeout: the engine turns
 it into ``store_unavailable``. The client does not retry (a retried script could run twice), and
 a broken connection is replaced when it is next used, so the ledger recovers by itself once Redis
-is back. On every store but a Cluster and ``memory://`` the scripts run on one multiplexed
-connection (``guard.ledger.multiplex``), everything else on redis-py's pool.
+is back. On every store but ``memory://`` the scripts run on multiplexed connections
+(``guard.ledger.multiplex``; ``guard.ledger.cluster``), everything else on redis-py's pool.
 It never decides policy: limits and modes arrive in the request, reasons leave in the answer.
 """
 
@@ -36,7 +36,6 @@ from redis.exceptions import RedisClusterException, RedisError
 from guard.domain import Reason, UaLockMode
 from guard.errors import StorageError, ValidationError
 from guard.ledger import keys
-from guard.ledger.multiplex import MultiplexedConnection
 from guard.ledger.types import (
     BlockRule,
     ExtensionState,
@@ -84,6 +83,17 @@ _T = TypeVar("_T")
 _DAY = re.compile(r"[0-9]{8}")
 _HOUR = re.compile(r"[0-9]{8}(?:[01][0-9]|2[0-3])")
 _SCRIPTS = resources.files("guard.ledger") / "scripts"
+
+
+class ScriptRunner(Protocol):
+    """Runs the ledger's scripts instead of redis-py (``MultiplexedConnection``,
+    ``ClusterScripts``): by SHA1, by source when Redis has not cached it."""
+
+    async def evalsha(
+        self, sha: str, source: str, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Any: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Closable(Protocol):
@@ -166,13 +176,13 @@ class RedisLedger:
         timeout: float = DEFAULT_TIMEOUT,
         url: str = "redis",
         also_close: Sequence[Closable] = (),
-        scripts: MultiplexedConnection | None = None,
+        scripts: ScriptRunner | None = None,
     ) -> None:
         """Wrap ``client``, which must decode responses (``decode_responses=True``).
 
         ``url`` (already masked) names the store in error messages; ``also_close`` lists what
-        ``close`` must release besides the client. ``scripts``, a multiplexed connection to the
-        same Redis, runs the Lua scripts (the hot path) instead of ``client``.
+        ``close`` must release besides the client. ``scripts``, multiplexed connections to the
+        same Redis deployment, runs the Lua scripts (the hot path) instead of ``client``.
         """
         self._client = client
         self._scripts = scripts

@@ -16,9 +16,10 @@
   process. For a first run and for tests only: counters are neither shared between processes nor
   durable, which is logged loudly (once per process).
 
-With ``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` the Lua scripts run on one
-multiplexed connection (``guard.ledger.multiplex``, with the same TLS options as redis-py; to the
-master the Sentinels name at each connection), the rest on redis-py.
+With every scheme but ``memory://`` the Lua scripts run on multiplexed connections
+(``guard.ledger.multiplex``, with the same TLS options as redis-py; under Sentinel to the master
+the Sentinels name at each connection; on a Cluster one per master, ``guard.ledger.cluster``), the
+rest on redis-py.
 
 A URL this module cannot use raises ``ConfigurationError`` naming it, password masked. Building a
 ledger does no I/O: the first operation connects.
@@ -43,9 +44,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from guard.errors import ConfigurationError
+from guard.ledger.cluster import ClusterScripts
 from guard.ledger.keys import check_prefix
 from guard.ledger.multiplex import MultiplexedConnection
-from guard.ledger.redis_ledger import DEFAULT_TIMEOUT, Closable, RedisClient, RedisLedger
+from guard.ledger.redis_ledger import (
+    DEFAULT_TIMEOUT,
+    Closable,
+    RedisClient,
+    RedisLedger,
+    ScriptRunner,
+)
 from guard.settings import Settings, mask_url
 from guard.shadow import shadow_prefix
 
@@ -71,9 +79,8 @@ _REDIS_PORT = 6379
 class _Backend:
     client: RedisClient
     also_close: Sequence[Closable] = field(default_factory=tuple)
-    #: Runs the Lua scripts on one multiplexed connection (every scheme but ``redis+cluster://``
-    #: and ``memory://``).
-    scripts: MultiplexedConnection | None = None
+    #: Runs the Lua scripts on multiplexed connections (every scheme but ``memory://``).
+    scripts: ScriptRunner | None = None
 
 
 def _client_options(timeout: float) -> dict[str, Any]:
@@ -151,7 +158,8 @@ def _cluster(url: str, timeout: float) -> _Backend:
         password=password,
         **_client_options(timeout),
     )
-    return _Backend(client)
+    scripts = ClusterScripts(hosts, username=username, password=password)
+    return _Backend(client, scripts=scripts)
 
 
 # fakeredis is slow to import and only ``memory://`` and ``private_memory_ledger`` need it: it is
