@@ -2,13 +2,15 @@
 
 Only the true source IPs of blocks and scanners may match, whatever hostile User-Agents,
 tenants or extensions the log holds, and whatever an admin's block (``guard ip block``, which
-writes the same event line to its stderr) says about who blocked and why. A missing
-``fail2ban-regex`` fails the test (``.ci/run`` installs it).
+writes the same event line to its stderr) says about who blocked and why. With the systemd
+backend the jail reads the journals of exactly the shipped units whose command logs refusals and
+blocks. A missing ``fail2ban-regex`` fails the test (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -16,14 +18,20 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from systemd_support import shipped_units
 
 from guard.cli import cli
 from guard.config.db import upgrade
 from guard.events import Event, EventBus, EventKind
 from guard.logs import TextFormatter
 
-CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "fail2ban"
+ROOT = Path(__file__).resolve().parents[1]
+CONTRIB = ROOT / "contrib" / "fail2ban"
 FILTER = CONTRIB / "filter.d" / "guard.conf"
+#: Whether each command a shipped unit runs logs refusals and blocks (``kind=refused``,
+#: ``kind=ip_blocked``): the servers run the engine; the dashboard's only events are its users'
+#: actions (``kind=admin``, proven below).
+LOGS_REFUSALS = {"serve": True, "ari": True, "dashboard": False}
 
 HOSTILE = [
     'Evil", "9999", "x" ip=6.6.6.6 %0A',
@@ -54,13 +62,17 @@ def event_log(tmp_path: Path) -> Iterator[tuple[Path, EventBus]]:
     logger.setLevel(old[2])
 
 
-def fail2ban_matches(log: Path) -> list[str]:
-    """The source addresses ``fail2ban-regex`` finds in ``log`` with the shipped filter."""
+def fail2ban_regex() -> str:
     tool = shutil.which("fail2ban-regex")
     if tool is None:
         pytest.fail("fail2ban-regex is not installed (apt-get install fail2ban); .ci/run does it")
+    return tool
+
+
+def fail2ban_matches(log: Path) -> list[str]:
+    """The source addresses ``fail2ban-regex`` finds in ``log`` with the shipped filter."""
     result = subprocess.run(
-        [tool, "--out", "ip", str(log), str(FILTER)],
+        [fail2ban_regex(), "--out", "ip", str(log), str(FILTER)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -144,3 +156,49 @@ def test_an_admin_block_from_the_cli_is_banned(
 def test_the_jail_uses_the_filter() -> None:
     jail = (CONTRIB / "jail.d" / "guard.conf").read_text()
     assert "[guard]" in jail and "filter    = guard" in jail and "maxretry  = 1" in jail
+
+
+def journal_match(tmp_path: Path) -> list[list[str]]:
+    """The filter's ``journalmatch`` as fail2ban reads it and hands it to the journal (its
+    systemd backend, on an empty journal), split into the groups that ``+`` ORs."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    result = subprocess.run(
+        [fail2ban_regex(), f"systemd-journal[journalpath={journal}]", str(FILTER)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(r"^Use +journal match : (.*)$", result.stdout, re.MULTILINE)
+    assert found is not None, result.stdout
+    groups: list[list[str]] = [[]]
+    for word in found.group(1).split():
+        if word == "+":
+            groups.append([])
+        else:
+            groups[-1].append(word)
+    return groups
+
+
+def test_the_jail_reads_every_unit_that_logs_refusals(tmp_path: Path) -> None:
+    """Exactly the shipped units whose command logs refusals and blocks, one group each, by
+    ``_SYSTEMD_UNIT``, a field only the journal sets: no local user's own lines can make the
+    jail ban an address."""
+    units = shipped_units()
+    assert {unit.command for unit in units} <= set(LOGS_REFUSALS), "classify the new unit above"
+    expected = sorted([f"_SYSTEMD_UNIT={u.name}"] for u in units if LOGS_REFUSALS[u.command])
+    assert sorted(journal_match(tmp_path)) == expected
+
+
+def test_the_dashboard_logs_no_refusal_or_block() -> None:
+    """What ``LOGS_REFUSALS`` says of ``guard dashboard``: it never authorizes a call, and the
+    only events it emits itself are admin actions."""
+    sources = [
+        ROOT / "guard" / "cli" / "dashboard.py",
+        *(ROOT / "guard" / "dashboard").glob("*.py"),
+    ]
+    text = "\n".join(path.read_text("utf-8") for path in sources)
+    assert set(re.findall(r"\bEventKind\.(\w+)", text)) == {"ADMIN"}
+    assert not re.search(r"\.(?:authorize|settle|sweep)\(", text)
