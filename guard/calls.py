@@ -5,20 +5,26 @@ A live call is an open reservation in the ledger, whether it came by FastAGI or 
 Stasis app; its call id is the channel's ``uniqueid``, which is also its ARI channel id, and
 Asterisk hangs up any channel by id (``DELETE /channels/{id}``), in Stasis or not. The hang-up
 is reported by the dialplan's hang-up handler or by ``ChannelDestroyed`` like any other, so the
-call is settled for what it used; a hang-up nobody reports is left to the sweeper. Used by the
-CLI (``guard calls hangup``, ``guard ext lock --hangup``) and by ``HangupOnMismatch``. The
-callers record who did what (an audit row or an event): this module never writes SQL.
+call is settled for what it used; a hang-up nobody reports is left to the sweeper. A tenant in
+shadow mode (``guard.shadow``) also has calls in progress on the shadow counters:
+``calls_in_progress`` lists them beside the live ones, marked, for the dashboard and the CLI
+alike; those calls are judged only, and never hung up. Used by the CLI (``guard calls``,
+``guard ext lock --hangup``), the dashboard and ``HangupOnMismatch``. The callers record who did
+what (an audit row or an event): this module never writes SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 from guard.ari.client import AriError, ChannelNotFound
 from guard.domain import Reason
+from guard.errors import StorageError
 from guard.events import Event, EventBus, EventKind
 from guard.ledger.types import LiveCall
 from guard.logs import log_fields
@@ -36,6 +42,62 @@ class LiveCallLedger(Protocol):
     """What hanging calls up needs from the ledger (``RedisLedger`` provides it)."""
 
     async def live_calls(self, tenant: str) -> list[LiveCall]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallInProgress:
+    """A call in progress and the counters that hold it: the live ones, or (``shadow``) the
+    shadow counters of a tenant in shadow mode, whose calls Guard never hangs up."""
+
+    call: LiveCall
+    shadow: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallsInProgress:
+    """What ``calls_in_progress`` read: the calls, oldest first, and the reads that failed."""
+
+    calls: list[CallInProgress]
+    errors: list[StorageError]
+
+
+async def calls_in_progress(
+    live: LiveCallLedger,
+    shadow: LiveCallLedger | None,
+    tenants: Iterable[tuple[str, bool]],
+    *,
+    slots: asyncio.Semaphore | None = None,
+) -> CallsInProgress:
+    """The calls in progress of ``tenants`` (name, whether it is in shadow mode), in one batch:
+    each tenant's live calls, and the shadow calls of those in shadow mode only (``shadow``:
+    the shadow counters, ``None`` to read none). ``slots`` bounds the reads under way.
+
+    A read that fails with ``StorageError`` is reported in ``errors``, the others still count.
+    """
+    reads: list[tuple[bool, LiveCallLedger, str]] = []
+    for name, in_shadow_mode in tenants:
+        reads.append((False, live, name))
+        if in_shadow_mode and shadow is not None:
+            reads.append((True, shadow, name))
+
+    async def read(ledger: LiveCallLedger, tenant: str) -> list[LiveCall]:
+        async with slots or nullcontext():
+            return await ledger.live_calls(tenant)
+
+    found = await asyncio.gather(
+        *(read(ledger, name) for _, ledger, name in reads), return_exceptions=True
+    )
+    listed: list[CallInProgress] = []
+    errors: list[StorageError] = []
+    for (is_shadow, _, _), calls in zip(reads, found, strict=True):
+        if isinstance(calls, StorageError):
+            errors.append(calls)
+        elif isinstance(calls, BaseException):
+            raise calls
+        else:
+            listed.extend(CallInProgress(call, is_shadow) for call in calls)
+    listed.sort(key=lambda c: (c.call.started, c.call.tenant, c.call.call_id, c.shadow))
+    return CallsInProgress(listed, errors)
 
 
 class HangupIncomplete(AriError):

@@ -1,5 +1,6 @@
 """Live calls: listing them from the ledger, hanging them up over ARI (the stand-in) from the CLI
 and from the alert rule on a User-Agent mismatch, and the audit trail of every admin hang-up.
+Calls of tenants in shadow mode, on the shadow counters: listed, marked, never hung up.
 
 The CLI runs in a thread (``guard`` calls ``asyncio.run`` itself) while the ARI stand-in serves on
 the test's event loop; the ledger is the real Redis under the test's key prefix."""
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from cli_support import GuardCli
 from click.testing import Result
 from factories import LONDON, make_attempt, make_extension, make_snapshot
-from ledger_support import NOW, request
+from ledger_support import DAY, NOW, request
 
 from guard.ari.client import AriClient
 from guard.ari.testing import AriStandIn
@@ -68,14 +69,31 @@ async def run(guard: GuardCli, *args: str, code: int = 0) -> Result:
 
 
 async def live(
-    ledger: RedisLedger, ari: AriStandIn, call_id: str, *, tenant: str = "acme", ext: str = "100"
+    ledger: RedisLedger,
+    ari: AriStandIn,
+    call_id: str,
+    *,
+    tenant: str = "acme",
+    ext: str = "100",
+    now: float = NOW,
 ) -> None:
-    """A call that came in by FastAGI (its channel never in Stasis) and holds a reservation."""
+    """A call that came in by FastAGI (its channel never in Stasis) and holds a reservation on
+    ``ledger`` (the live counters, or the shadow ones for a call in shadow mode)."""
     channel = ari.add_channel(channel_id=call_id)
     granted = await ledger.reserve(
-        request(tenant=tenant, extension=ext, call_id=call_id, channel=channel.name)
+        request(tenant=tenant, extension=ext, call_id=call_id, channel=channel.name, now=now)
     )
     assert granted.allowed
+
+
+async def acme_counters(ledger: RedisLedger, shadow: RedisLedger) -> tuple[object, ...]:
+    """Everything both counters hold for acme today: spend, reservations, calls."""
+    return (
+        await ledger.counters("acme", DAY),
+        await shadow.counters("acme", DAY),
+        await ledger.live_calls("acme"),
+        await shadow.live_calls("acme"),
+    )
 
 
 def hung_up(ari: AriStandIn) -> list[str]:
@@ -149,6 +167,75 @@ async def test_calls_list_shows_the_live_calls(
     assert listed[0]["max_seconds"] == 3600 and listed[0]["started"].startswith("2024-05-01")
     table = (await run(guard, "calls", "list")).output
     assert "c1" in table and "c2" in table and "France" in table
+
+
+async def test_calls_list_marks_the_shadow_calls_of_tenants_in_shadow_mode(
+    guard: GuardCli, ledger: RedisLedger, shadow: RedisLedger, ari: AriStandIn
+) -> None:
+    await run(guard, "tenant", "set", "acme", "--shadow", "on")
+    await run(guard, "ext", "add", "300", "--tenant", "other")
+    await live(ledger, ari, "c1")  # reserved before acme went into shadow mode
+    await live(shadow, ari, "s1", ext="200", now=NOW + 1)
+    await live(ledger, ari, "o1", tenant="other", ext="300", now=NOW + 2)
+    # Left over from an earlier trial of other's: not read while other enforces.
+    await live(shadow, ari, "o2", tenant="other", ext="300", now=NOW + 3)
+    listed = json.loads((await run(guard, "calls", "list", "--json")).stdout)
+    assert [(c["channel_id"], c["tenant"], c["shadow"]) for c in listed] == [
+        ("c1", "acme", False),
+        ("s1", "acme", True),
+        ("o1", "other", False),
+    ]
+    only = json.loads(
+        (await run(guard, "calls", "list", "--tenant", "acme", "--ext", "200", "--json")).stdout
+    )
+    assert [(c["channel_id"], c["shadow"]) for c in only] == [("s1", True)]
+    table = (await run(guard, "calls", "list")).output.splitlines()
+    marks = {line.split()[3]: line.split()[0] for line in table[1:] if "SIP/" in line}
+    assert marks == {"c1": "live", "s1": "SHADOW", "o1": "live"}
+    assert table[0].startswith("COUNTERS") and table[-1].startswith("SHADOW calls:")
+    # One extension of other in shadow mode puts other in shadow mode: its shadow calls show.
+    await run(guard, "ext", "set", "300", "--tenant", "other", "--shadow", "on")
+    listed = json.loads((await run(guard, "calls", "list", "--tenant", "other", "--json")).stdout)
+    assert [(c["channel_id"], c["shadow"]) for c in listed] == [("o1", False), ("o2", True)]
+
+
+async def test_calls_hangup_refuses_a_shadow_call_and_changes_no_counter(
+    guard: GuardCli, ledger: RedisLedger, shadow: RedisLedger, ari: AriStandIn
+) -> None:
+    await run(guard, "tenant", "set", "acme", "--shadow", "on")
+    await live(shadow, ari, "s1")
+    before = await acme_counters(ledger, shadow)
+    for scope in ([], ["--tenant", "acme"]):
+        result = await run(guard, "calls", "hangup", "--channel", "s1", *scope, code=1)
+        assert "channel s1 is a call in shadow mode of tenant acme" in result.output
+        assert "nothing was hung up" in result.output
+    assert ari.calls == []  # ARI never asked
+    assert await acme_counters(ledger, shadow) == before
+    rows = await asyncio.to_thread(audit, guard)
+    assert [(r["channel"], r["hung_up"], r["shadow"]) for r in rows] == [("s1", [], ["s1"])] * 2
+
+
+async def test_hangup_of_a_tenant_or_extension_leaves_its_shadow_calls_running(
+    guard: GuardCli, ledger: RedisLedger, shadow: RedisLedger, ari: AriStandIn
+) -> None:
+    await run(guard, "ext", "set", "200", "--tenant", "acme", "--shadow", "on")
+    await live(ledger, ari, "c1")
+    await live(shadow, ari, "s1", ext="200")
+    await live(shadow, ari, "s2", ext="200")
+    shadow_before = (await shadow.counters("acme", DAY), await shadow.live_calls("acme"))
+    result = await run(guard, "calls", "hangup", "--tenant", "acme")
+    assert "hung up 1 live call(s) of tenant acme" in result.stdout
+    assert "2 call(s) in shadow mode of tenant acme left running" in result.stderr
+    locked = await run(guard, "ext", "lock", "200", "--tenant", "acme", "--hangup")
+    assert "hung up 0 live call(s) of extension 200" in locked.stdout
+    assert "2 call(s) in shadow mode of extension 200 of tenant acme left" in locked.stderr
+    assert hung_up(ari) == ["c1"]
+    assert (await shadow.counters("acme", DAY), await shadow.live_calls("acme")) == shadow_before
+    rows = await asyncio.to_thread(audit, guard)
+    assert [(r["extension"], r["hung_up"], r["shadow"]) for r in rows] == [
+        ("", ["c1"], ["s1", "s2"]),
+        ("200", [], ["s1", "s2"]),
+    ]
 
 
 async def test_ext_lock_with_hangup_locks_and_cuts_the_extension_calls(

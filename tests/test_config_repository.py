@@ -150,6 +150,12 @@ def test_set_tenant_changes_only_the_given_fields(engine: Engine, acme: str) -> 
     assert caught.value.field == "timezone"
 
 
+def test_every_tenant_field_has_a_default_and_a_validator() -> None:
+    fields = set(repo.TenantFields.__optional_keys__)
+    assert set(repo.TENANT_DEFAULTS) == fields
+    assert set(repo._TENANT_FIELDS) == fields
+
+
 def test_unknown_tenant_is_not_found(engine: Engine) -> None:
     with pytest.raises(NotFoundError, match=r"^tenant 'nope' does not exist$"):
         repo.get_tenant(engine, "nope")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from ipaddress import ip_network
-from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
+from typing import Any, Final, Literal, TypeAlias, TypedDict, TypeVar, Unpack, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -390,6 +390,46 @@ def _flag(field: str, value: bool) -> bool:
     return value
 
 
+class TenantFields(TypedDict, total=False):
+    """A tenant's settable fields, the keyword arguments of ``add_tenant`` (a missing one takes
+    its ``TENANT_DEFAULTS`` value) and ``set_tenant`` (a missing one stays as it is); each is
+    checked by its validator in ``_TENANT_FIELDS``. A new field goes in all three."""
+
+    timezone: str
+    currency: str
+    daily_limit: int | None
+    concurrent_limit: int | None
+    fail_mode: str
+    international_prefix: str
+    national_prefix: str
+    country_code: str
+    max_call_seconds: int
+    enabled: bool
+    reservation_mode: str
+    slice_seconds: int
+    shadow: bool
+    shadow_enforce_perimeter: bool
+
+
+#: What a new tenant gets for the fields ``add_tenant`` is not given (``None``: no limit).
+TENANT_DEFAULTS: Final[TenantFields] = {
+    "timezone": "UTC",
+    "currency": "EUR",
+    "daily_limit": None,
+    "concurrent_limit": None,
+    "fail_mode": FailMode.DENY,
+    "international_prefix": "00",
+    "national_prefix": "0",
+    "country_code": "",
+    "max_call_seconds": 3600,
+    "enabled": True,
+    "reservation_mode": ReservationMode.CALL,
+    "slice_seconds": 300,
+    "shadow": False,
+    "shadow_enforce_perimeter": True,
+}
+
+#: The validator of each ``TenantFields`` field: what it takes, as it is stored.
 _TENANT_FIELDS: Final[dict[str, Callable[[Any], Any]]] = {
     "timezone": _timezone,
     "currency": _currency,
@@ -587,46 +627,11 @@ def _extension_info(tenant: str, extension: Extension) -> ExtensionInfo:
 
 
 def add_tenant(
-    engine: Engine,
-    name: str,
-    *,
-    actor: str,
-    timezone: str = "UTC",
-    currency: str = "EUR",
-    daily_limit: int | None = None,
-    concurrent_limit: int | None = None,
-    fail_mode: str = FailMode.DENY,
-    international_prefix: str = "00",
-    national_prefix: str = "0",
-    country_code: str = "",
-    max_call_seconds: int = 3600,
-    enabled: bool = True,
-    reservation_mode: str = ReservationMode.CALL,
-    slice_seconds: int = 300,
-    shadow: bool = False,
-    shadow_enforce_perimeter: bool = True,
+    engine: Engine, name: str, *, actor: str, **fields: Unpack[TenantFields]
 ) -> TenantInfo:
     """Create a tenant with its ``domestic`` and ``international`` routing profiles."""
     name = _tenant_name(name)
-    values = _validated(
-        _TENANT_FIELDS,
-        {
-            "timezone": timezone,
-            "currency": currency,
-            "daily_limit": daily_limit,
-            "concurrent_limit": concurrent_limit,
-            "fail_mode": fail_mode,
-            "international_prefix": international_prefix,
-            "national_prefix": national_prefix,
-            "country_code": country_code,
-            "max_call_seconds": max_call_seconds,
-            "enabled": enabled,
-            "reservation_mode": reservation_mode,
-            "slice_seconds": slice_seconds,
-            "shadow": shadow,
-            "shadow_enforce_perimeter": shadow_enforce_perimeter,
-        },
-    )
+    values = _validated(_TENANT_FIELDS, {**TENANT_DEFAULTS, **fields})
     with session_scope(engine) as session:
         if session.scalars(sa.select(Tenant.id).where(Tenant.name == name)).first() is not None:
             raise ValidationError("name", f"tenant {name!r} already exists")
@@ -644,52 +649,17 @@ def add_tenant(
 
 
 def set_tenant(
-    engine: Engine,
-    name: str,
-    *,
-    actor: str,
-    timezone: Keep[str] = UNSET,
-    currency: Keep[str] = UNSET,
-    daily_limit: Keep[int | None] = UNSET,
-    concurrent_limit: Keep[int | None] = UNSET,
-    fail_mode: Keep[str] = UNSET,
-    international_prefix: Keep[str] = UNSET,
-    national_prefix: Keep[str] = UNSET,
-    country_code: Keep[str] = UNSET,
-    max_call_seconds: Keep[int] = UNSET,
-    enabled: Keep[bool] = UNSET,
-    reservation_mode: Keep[str] = UNSET,
-    slice_seconds: Keep[int] = UNSET,
-    shadow: Keep[bool] = UNSET,
-    shadow_enforce_perimeter: Keep[bool] = UNSET,
+    engine: Engine, name: str, *, actor: str, **changes: Unpack[TenantFields]
 ) -> TenantInfo:
     """Change the given fields of a tenant (``None`` limits mean "no limit")."""
-    changes = _validated(
-        _TENANT_FIELDS,
-        {
-            "timezone": timezone,
-            "currency": currency,
-            "daily_limit": daily_limit,
-            "concurrent_limit": concurrent_limit,
-            "fail_mode": fail_mode,
-            "international_prefix": international_prefix,
-            "national_prefix": national_prefix,
-            "country_code": country_code,
-            "max_call_seconds": max_call_seconds,
-            "enabled": enabled,
-            "reservation_mode": reservation_mode,
-            "slice_seconds": slice_seconds,
-            "shadow": shadow,
-            "shadow_enforce_perimeter": shadow_enforce_perimeter,
-        },
-    )
-    if not changes:
+    validated = _validated(_TENANT_FIELDS, dict(changes))
+    if not validated:
         raise ValidationError("changes", "nothing to change")
     with session_scope(engine) as session:
         tenant = _tenant(session, name)
-        for key, value in changes.items():
+        for key, value in validated.items():
             setattr(tenant, key, value)
-        _changed(session, actor, "tenant.set", changes, tenant=name)
+        _changed(session, actor, "tenant.set", validated, tenant=name)
         return _tenant_info(tenant)
 
 
@@ -701,6 +671,15 @@ def get_tenant(engine: Engine, name: str) -> TenantInfo:
 def list_tenants(engine: Engine) -> list[TenantInfo]:
     with session_scope(engine, write=False) as session:
         return [_tenant_info(t) for t in session.scalars(sa.select(Tenant).order_by(Tenant.name))]
+
+
+def tenants_in_shadow_mode(engine: Engine) -> set[str]:
+    """The names of the tenants in shadow mode (``guard.shadow``): the tenant is, or one of its
+    extensions is."""
+    shadowed = sa.select(Extension.tenant_id).where(Extension.shadow)
+    query = sa.select(Tenant.name).where(sa.or_(Tenant.shadow, Tenant.id.in_(shadowed)))
+    with session_scope(engine, write=False) as session:
+        return set(session.scalars(query))
 
 
 def remove_tenant(engine: Engine, name: str, *, actor: str) -> None:
