@@ -122,3 +122,31 @@ async def test_a_browser_sees_the_spend_bar_move_without_reloading(
             assert shot.stat().st_size > 10_000
         finally:
             await browser.close()
+
+
+async def test_a_browser_pages_live_calls_keeping_the_filter_after_a_live_update(
+    env: Harness, served: str, chromium: str
+) -> None:
+    calls = [await env.authorize(extension="1002", number=PARIS) for _ in range(3)]
+    assert all(call.allowed for call in calls)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{served}/calls?tenant=acme&limit=2")
+            await page.fill("input[name=user]", "admin")
+            await page.fill("input[name=password]", PASSWORD)
+            await page.click("button[type=submit]")
+            await page.wait_for_url(f"{served}/calls?tenant=acme&limit=2")
+            assert "rows 1–2 of 3" in await _text(page, "nav.pager")
+            # The links the live stream redrew still lead to this filter's next page.
+            await page.wait_for_function("document.body.dataset.updated", timeout=10_000)
+            await page.click("nav.pager a[rel=next]")
+            await page.wait_for_url(f"{served}/calls?tenant=acme&limit=2&offset=2")
+            assert "rows 3–3 of 3" in await _text(page, "nav.pager")
+            shown = await page.locator("tr[data-call]").get_attribute("data-call")
+            assert shown == calls[2].call_id
+        finally:
+            await browser.close()

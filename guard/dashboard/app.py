@@ -22,6 +22,10 @@ carry that session's CSRF token (form field ``csrf`` or header ``X-CSRF-Token``)
 refused unless ``GUARD_DASHBOARD_ACTIONS`` is on, and each one is audited as an ``admin`` event
 on the bus (log line, audit table, event feed). Responses carry a strict Content-Security-Policy:
 the only script is ``/static/dashboard.js``.
+
+The tenants, extensions and live calls are paged: ``offset`` and ``limit`` (``Paging``) on the
+page, its stream and its API; the page's previous/next links keep its other parameters (tenant
+filter, sort, ``limit``), and so does its stream, so that a live page stays on its rows.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from sqlalchemy import Engine as SqlEngine
 from guard.config import repository
 from guard.dashboard import exporter
 from guard.dashboard.auth import LoginLimiter, Session, Sessions, token_digest, verify_password
-from guard.dashboard.data import EXTENSION_SORTS, DashboardData
+from guard.dashboard.data import EXTENSION_SORTS, MAX_ROWS, DashboardData, Paging
 from guard.dashboard.render import environment
 from guard.errors import ConfigurationError, GuardError, StorageError
 from guard.events import Event, EventBus, EventKind, safe_ip
@@ -339,13 +343,15 @@ class Dashboard:
 
     # ---- pages ----------------------------------------------------------------------------
 
-    def _context(self, request: web.Request, data: Mapping[str, Any]) -> dict[str, Any]:
+    def _context(self, request: web.Request, view: str, data: Mapping[str, Any]) -> dict[str, Any]:
         principal = request[_PRINCIPAL]
         session = principal.session
+        page = data.get("page")
         return {
             "data": data,
             "actions": self.config.actions,
             "csrf": self.sessions.csrf_token(session) if session is not None else "",
+            "pager": _pager(view, request, page) if page is not None else {},
         }
 
     def _page(
@@ -360,7 +366,7 @@ class Dashboard:
         done, error = request.query.get("done", ""), request.query.get("error", "")
         notice = NOTICES.get(error) or NOTICES.get(done) or ""
         html = self._templates.get_template(f"{view}.html").render(
-            **self._context(request, data),
+            **self._context(request, view, data),
             title=title,
             page=view,
             stream_url=f"/stream?{urlencode({'view': view, **stream})}",
@@ -372,33 +378,47 @@ class Dashboard:
         return web.Response(text=html, content_type="text/html")
 
     async def overview_page(self, request: web.Request) -> web.StreamResponse:
-        return self._page(request, "overview", "Overview", await self.data.overview(), {})
+        paging = _paging(request)
+        data = await self.data.overview(paging)
+        return self._page(request, "overview", "Overview", data, _paging_query(paging))
 
     async def tenant_page(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["tenant"]
         sort, descending = _sort(request)
-        data = await self.data.tenant(name, sort, descending)
+        paging = _paging(request)
+        data = await self.data.tenant(name, sort, descending, paging)
         if data is None:
             raise web.HTTPNotFound(text="no such tenant")
-        stream = {"tenant": name, "sort": sort, "order": "desc" if descending else "asc"}
+        stream = {
+            "tenant": name,
+            "sort": sort,
+            "order": "desc" if descending else "asc",
+            **_paging_query(paging),
+        }
         return self._page(request, "tenant", f"Tenant {name}", data, stream)
 
     async def calls_page(self, request: web.Request) -> web.StreamResponse:
         tenant = request.query.get("tenant") or None
+        paging = _paging(request)
         stream = {"tenant": tenant} if tenant else {}
-        return self._page(request, "calls", "Live calls", await self.data.calls(tenant), stream)
+        stream.update(_paging_query(paging))
+        data = await self.data.calls(tenant, paging)
+        return self._page(request, "calls", "Live calls", data, stream)
 
     async def security_page(self, request: web.Request) -> web.StreamResponse:
         return self._page(request, "security", "Security", await self.data.security(), {})
 
-    async def _view_data(self, request: web.Request, view: str) -> Mapping[str, Any] | None:
+    async def _view_data(
+        self, request: web.Request, view: str, paging: Paging
+    ) -> Mapping[str, Any] | None:
         if view == "overview":
-            return await self.data.overview()
+            return await self.data.overview(paging)
         if view == "tenant":
             sort, descending = _sort(request)
-            return await self.data.tenant(request.query.get("tenant", ""), sort, descending)
+            name = request.query.get("tenant", "")
+            return await self.data.tenant(name, sort, descending, paging)
         if view == "calls":
-            return await self.data.calls(request.query.get("tenant") or None)
+            return await self.data.calls(request.query.get("tenant") or None, paging)
         return await self.data.security()
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -406,6 +426,7 @@ class Dashboard:
         view = request.query.get("view", "")
         if view not in _VIEWS:
             raise web.HTTPNotFound(text="no such view")
+        paging = _paging(request)
         principal = request[_PRINCIPAL]
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
@@ -416,10 +437,10 @@ class Dashboard:
         await response.prepare(request)
         last, quiet = "", 0.0
         while principal.session is None or self.sessions.alive(principal.session):
-            data = await self._view_data(request, view)
+            data = await self._view_data(request, view, paging)
             if data is None:
                 break
-            context = self._context(request, data)
+            context = self._context(request, view, data)
             fragments = {
                 name: self._templates.get_template(f"fragments/{name}.html").render(**context)
                 for name in _VIEWS[view]
@@ -441,11 +462,12 @@ class Dashboard:
     # ---- JSON API -------------------------------------------------------------------------
 
     async def api_overview(self, request: web.Request) -> web.StreamResponse:
-        return _json(await self.data.overview())
+        return _json(await self.data.overview(_paging(request)))
 
     async def api_tenant(self, request: web.Request) -> web.StreamResponse:
         sort, descending = _sort(request)
-        data = await self.data.tenant(request.match_info["tenant"], sort, descending)
+        paging = _paging(request)
+        data = await self.data.tenant(request.match_info["tenant"], sort, descending, paging)
         if data is None:
             return _json_error(404, "no such tenant")
         return _json(data)
@@ -463,7 +485,8 @@ class Dashboard:
         return _json(data)
 
     async def api_calls(self, request: web.Request) -> web.StreamResponse:
-        return _json(await self.data.calls(request.query.get("tenant") or None))
+        paging = _paging(request)
+        return _json(await self.data.calls(request.query.get("tenant") or None, paging))
 
     async def api_security(self, request: web.Request) -> web.StreamResponse:
         return _json(await self.data.security())
@@ -617,6 +640,47 @@ def _safe_next(target: str, *, same_origin: str | None = None) -> str:
 def _sort(request: web.Request) -> tuple[str, bool]:
     sort = request.query.get("sort", "name")
     return (sort if sort in EXTENSION_SORTS else "name"), request.query.get("order") == "desc"
+
+
+def _paging(request: web.Request) -> Paging:
+    """The request's ``offset`` and ``limit``; bad ones answer 400 (in JSON to an API client)."""
+    try:
+        return Paging.parse(request.query.get("offset"), request.query.get("limit"))
+    except ValueError as exc:
+        if _wants_json(request):
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": str(exc)}), content_type="application/json"
+            ) from None
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+def _paging_query(paging: Paging) -> dict[str, str]:
+    """``paging`` as query parameters, the defaults left out."""
+    query = {"offset": str(paging.offset)} if paging.offset else {}
+    if paging.limit != MAX_ROWS:
+        query["limit"] = str(paging.limit)
+    return query
+
+
+def _pager(view: str, request: web.Request, page: Mapping[str, Any]) -> dict[str, str]:
+    """A listing's ``previous`` and ``next`` links (empty at either end) and the ``limit`` asked
+    for (empty: the default): relative to the page, keeping its filter or sort and ``limit``."""
+    query: dict[str, str] = {}
+    if view == "tenant":
+        sort, descending = _sort(request)
+        query = {"sort": sort, "order": "desc" if descending else "asc"}
+    elif view == "calls" and (tenant := request.query.get("tenant")):
+        query = {"tenant": tenant}
+    query.update(_paging_query(Paging(limit=page["limit"])))
+
+    def link(offset: int | None) -> str:
+        return "" if offset is None else f"?{urlencode({**query, 'offset': offset})}"
+
+    return {
+        "previous": link(page["previous_offset"]),
+        "next": link(page["next_offset"]),
+        "limit": query.get("limit", ""),
+    }
 
 
 def _json(data: object, status: int = 200) -> web.Response:

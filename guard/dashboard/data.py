@@ -9,23 +9,29 @@ calls in progress on the shadow counters are listed among the live calls, marked
 Amounts stay integers in sub-units (``guard.money``) and times stay epoch seconds beside the
 tenant's time zone; formatting is the renderer's job. A counter store that fails or times out
 never breaks a page: the part it feeds is empty and ``store_error`` says why. Results are cached
-for ``cache_seconds`` so that many open browsers cost Redis no more than one.
+for ``cache_seconds`` so that many open browsers cost Redis no more than one. The tenants, a
+tenant's extensions and the live calls are listed whole (one batch of reads each, then cached)
+and cut into pages (``Paging``) afterwards, each in a total order on keys that do not change
+while one pages: tenants by name, calls by start then tenant and call id, extensions by name
+(or by the column chosen, then name).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Any, Final, TypeVar
 
+from guard.calls import calls_in_progress
 from guard.domain import UaLockMode
 from guard.engine import SnapshotHolder
 from guard.errors import StorageError
 from guard.feed import EventFeed, FeedEvent, utc_day
 from guard.ledger.redis_ledger import RedisLedger
-from guard.ledger.types import ExtensionState, LiveCall, SpendCounters, TenantCounters
+from guard.ledger.types import ExtensionState, SpendCounters, TenantCounters
 from guard.schedule import tenant_day
 from guard.shadow import in_shadow
 from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
@@ -33,7 +39,7 @@ from guard.snapshot import ExtensionConfig, Snapshot, TenantConfig
 _T = TypeVar("_T")
 JSON = dict[str, Any]
 
-#: Most rows a page or an API answer carries (extensions of a tenant, live calls, tenants).
+#: Most rows one page of a listing carries (tenants, extensions of a tenant, live calls).
 MAX_ROWS = 1000
 #: Concurrent Redis reads of one page (one per tenant on the overview).
 READ_CONCURRENCY = 32
@@ -60,6 +66,61 @@ def _shadow_json(counters: SpendCounters, limit: int | None) -> JSON:
 
 def event_json(event: FeedEvent, timezone: str) -> JSON:
     return {**asdict(event), "timezone": timezone}
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    """Which rows of a listing to show: at most ``limit`` of them from ``offset`` (0-based)."""
+
+    offset: int = 0
+    limit: int = MAX_ROWS
+
+    @classmethod
+    def parse(cls, offset: str | None, limit: str | None) -> Paging:
+        """From a request's query text (missing or empty: the defaults); a ``limit`` above
+        ``MAX_ROWS`` is capped. Anything else raises ``ValueError`` with a message for the client.
+        """
+        first = _whole(offset, 0, 0, "offset must be a whole number of rows to skip, 0 or more")
+        size = _whole(limit, MAX_ROWS, 1, _LIMIT_ERROR)
+        return cls(first, min(size, MAX_ROWS))
+
+
+FIRST_PAGE: Final = Paging()
+_LIMIT_ERROR: Final = f"limit must be a whole number of rows, 1 or more (capped at {MAX_ROWS})"
+
+
+def _whole(text: str | None, default: int, low: int, message: str) -> int:
+    """``text`` as an integer of ``low`` or more, in ASCII digits only (no sign, space or ``_``)."""
+    if not text:
+        return default
+    if text.isascii() and text.isdigit():
+        with contextlib.suppress(ValueError):  # more digits than ``int`` converts
+            if (value := int(text)) >= low:
+                return value
+    raise ValueError(message)
+
+
+def paged(listing: JSON, key: str, paging: Paging) -> JSON:
+    """``listing`` with only the page of its ``key`` rows that ``paging`` asks for, and ``page``:
+    the paging, the ``total`` of rows, the 1-based ``first`` to ``last`` shown (both 0 when none
+    is), ``previous_offset`` and ``next_offset`` (``None`` at either end)."""
+    rows: list[JSON] = listing[key]
+    offset, limit, total = paging.offset, paging.limit, len(rows)
+    shown = rows[offset : offset + limit]
+    return {
+        **listing,
+        key: shown,
+        "page": {
+            "offset": offset,
+            "limit": limit,
+            "total": total,
+            "first": offset + 1 if shown else 0,
+            "last": offset + len(shown) if shown else 0,
+            # Past the end: back to the last rows there are.
+            "previous_offset": max(0, min(offset, total) - limit) if offset else None,
+            "next_offset": offset + limit if offset + limit < total else None,
+        },
+    }
 
 
 class DashboardData:
@@ -153,7 +214,12 @@ class DashboardData:
             "reload_error_at": holder.last_error_at or None,
         }
 
-    async def overview(self) -> JSON:
+    async def overview(self, paging: Paging = FIRST_PAGE) -> JSON:
+        """The overview, with one page of ``tenants`` (by name)."""
+        return paged(await self.all_tenants(), "tenants", paging)
+
+    async def all_tenants(self) -> JSON:
+        """The overview with every tenant's row, by name: ``/metrics`` ranks them all by spend."""
         return await self._cached(("overview",), self._overview)
 
     async def _overview(self) -> JSON:
@@ -161,13 +227,13 @@ class DashboardData:
         tenants = list(self.snapshot.tenants.values())
         found = await asyncio.gather(*(self._tenant_summary(config, now) for config in tenants))
         rows = [row for row, _, _ in found]
-        rows.sort(key=lambda row: (-(row["spent"] + row["reserved"]), row["name"]))
+        rows.sort(key=lambda row: row["name"])
         errors = sorted({row["store_error"] for row in rows if row["store_error"]})
         return {
             "now": now,
             "status": self.status(),
             "tenant_count": len(rows),
-            "tenants": rows[:MAX_ROWS],
+            "tenants": rows,
             "store_error": errors[0] if errors else "",
         }
 
@@ -235,16 +301,24 @@ class DashboardData:
             shadow = None
         return row, counters, shadow
 
-    async def tenant(self, name: str, sort: str = "name", descending: bool = False) -> JSON | None:
-        """The tenant page: its summary, extensions (sorted), hourly spend and recent events."""
+    async def tenant(
+        self,
+        name: str,
+        sort: str = "name",
+        descending: bool = False,
+        paging: Paging = FIRST_PAGE,
+    ) -> JSON | None:
+        """The tenant page: its summary, one page of its extensions (by ``sort``, then name),
+        hourly spend and recent events."""
         config = self.snapshot.tenants.get(name)
         if config is None:
             return None
         if sort not in EXTENSION_SORTS:
             sort = "name"
-        return await self._cached(
+        found = await self._cached(
             ("tenant", name, sort, descending), lambda: self._tenant(config, sort, descending)
         )
+        return paged(found, "extensions", paging)
 
     async def _tenant(self, config: TenantConfig, sort: str, descending: bool) -> JSON:
         now = self.clock()
@@ -287,7 +361,7 @@ class DashboardData:
             "sort": sort,
             "descending": descending,
             "extension_count": len(rows),
-            "extensions": rows[:MAX_ROWS],
+            "extensions": rows,
             "hourly": hourly,
             "events": events,
             "store_error": store_error,
@@ -358,68 +432,62 @@ class DashboardData:
             },
         }
 
-    async def calls(self, tenant: str | None = None) -> JSON:
-        """Live calls (open reservations) of one tenant or all, longest-running first.
+    async def calls(self, tenant: str | None = None, paging: Paging = FIRST_PAGE) -> JSON:
+        """One page of the live calls (open reservations) of one tenant or all, longest-running
+        first (then by tenant and call id).
 
         A tenant in shadow mode adds its calls held by the shadow counters (all of them, as its
         ``shadow`` row counts them), each marked ``shadow: true``; ``call_count`` counts both
         kinds, ``shadow_call_count`` the shadow ones, so that live-only totals stay at hand.
         """
-        return await self._cached(("calls", tenant), lambda: self._calls(tenant))
+        return paged(
+            await self._cached(("calls", tenant), lambda: self._calls(tenant)), "calls", paging
+        )
 
     async def _calls(self, tenant: str | None) -> JSON:
         now = self.clock()
         tenants = self.snapshot.tenants
         names = [tenant] if tenant is not None else list(tenants)
-        # (shadow?, read), in one batch: shadow reads only for tenants in shadow mode.
-        reads: list[tuple[bool, Awaitable[list[LiveCall]]]] = []
-        for name in names:
-            config = tenants.get(name)
-            if config is None:
-                continue
-            reads.append((False, self.ledger.live_calls(name)))
-            if self.shadow_scope(config) is not None and self.shadow_ledger is not None:
-                reads.append((True, self.shadow_ledger.live_calls(name)))
-        found = await asyncio.gather(
-            *(self._read(read) for _, read in reads), return_exceptions=True
+        found = await calls_in_progress(
+            self.ledger,
+            self.shadow_ledger,
+            [
+                (name, self.shadow_scope(config) is not None)
+                for name in names
+                if (config := tenants.get(name)) is not None
+            ],
+            slots=self._slots,
         )
         rows: list[JSON] = []
-        errors: list[str] = []
-        for (shadow, _), result in zip(reads, found, strict=True):
-            if isinstance(result, StorageError):
-                errors.append(str(result))
-                continue
-            if isinstance(result, BaseException):
-                raise result
-            for call in result:
-                config = tenants[call.tenant]
-                rows.append(
-                    {
-                        "tenant": call.tenant,
-                        "timezone": config.timezone,
-                        "currency": config.currency,
-                        "call_id": call.call_id,
-                        "channel": call.channel,
-                        "extension": call.extension,
-                        "number": call.number,
-                        "destination": call.destination,
-                        "rate_per_minute": call.rate_per_minute,
-                        "started": call.started,
-                        "running_seconds": max(0, int(now - call.started)),
-                        "reserved": call.reserved,
-                        "max_seconds": call.max_seconds,
-                        "deadline": call.deadline,
-                        "shadow": shadow,
-                    }
-                )
-        rows.sort(key=lambda row: (row["started"], row["tenant"], row["call_id"], row["shadow"]))
+        for listed in found.calls:
+            call = listed.call
+            config = tenants[call.tenant]
+            rows.append(
+                {
+                    "tenant": call.tenant,
+                    "timezone": config.timezone,
+                    "currency": config.currency,
+                    "call_id": call.call_id,
+                    "channel": call.channel,
+                    "extension": call.extension,
+                    "number": call.number,
+                    "destination": call.destination,
+                    "rate_per_minute": call.rate_per_minute,
+                    "started": call.started,
+                    "running_seconds": max(0, int(now - call.started)),
+                    "reserved": call.reserved,
+                    "max_seconds": call.max_seconds,
+                    "deadline": call.deadline,
+                    "shadow": listed.shadow,
+                }
+            )
         return {
             "now": now,
             "tenant": tenant,
             "call_count": len(rows),
             "shadow_call_count": sum(1 for row in rows if row["shadow"]),
-            "calls": rows[:MAX_ROWS],
-            "store_error": errors[0] if errors else "",
+            "calls": rows,
+            "store_error": str(found.errors[0]) if found.errors else "",
         }
 
     async def security(self) -> JSON:

@@ -52,7 +52,10 @@ def _families(
     concurrent = GaugeMetricFamily(
         "guard_tenant_concurrent_limit", "The tenant's concurrent-call limit", labels=["tenant"]
     )
-    for row in overview["tenants"][:max_tenants]:
+    ranked = sorted(
+        overview["tenants"], key=lambda row: (-(row["spent"] + row["reserved"]), row["name"])
+    )
+    for row in ranked[:max_tenants]:
         money_labels = [row["name"], row["currency"]]
         spent.add_metric(money_labels, row["spent"] / SUBUNITS)
         reserved.add_metric(money_labels, row["reserved"] / SUBUNITS)
@@ -93,7 +96,7 @@ def _families(
 
 async def scrape(data: DashboardData, max_tenants: int) -> bytes:
     """The exposition text of one scrape."""
-    overview = await data.overview()
+    overview = await data.all_tenants()
     calls = await data.calls()
     security = await data.security()
     registry = CollectorRegistry(auto_describe=False)
