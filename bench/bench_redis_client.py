@@ -4,6 +4,8 @@ Both run the same Lua script (as large as ``reserve``'s call: two keys, 21 argum
 ``--concurrency`` tasks at once against the real Redis, on uvloop like ``guard serve``. Reported
 per client: this process's CPU time per script call (what Guard pays; Redis's own time is not
 in it) and calls a second, medians over ``--runs`` runs, and the ratio between the clients.
+``--redis-url`` may be ``redis://``, ``rediss://``, ``unix://`` or, to compare redis-py's
+cluster client with ``guard.ledger.cluster``, ``redis+cluster://host:port[,host:port…]``.
 
     python -m bench.bench_redis_client --calls 20000 --runs 5
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import statistics
 import time
 import uuid
@@ -20,7 +23,9 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from guard.ledger.cluster import ClusterScripts
 from guard.ledger.multiplex import MultiplexedConnection
 from guard.workers import run
 
@@ -49,8 +54,22 @@ async def _measure(call: Call, calls: int, concurrency: int) -> tuple[float, flo
     return cpu / calls * 1e6, calls / wall
 
 
+def _cluster_nodes(url: str) -> list[tuple[str, int]] | None:
+    """The startup nodes of a ``redis+cluster://`` URL; ``None`` for any other URL."""
+    scheme, _, rest = url.partition("://")
+    if scheme != "redis+cluster":
+        return None
+    return [(host, int(port)) for host, _, port in (n.rpartition(":") for n in rest.split(","))]
+
+
 async def _redis_py(url: str, keys: list[str], calls: int, concurrency: int) -> tuple[float, float]:
-    client = Redis.from_url(url, decode_responses=True, protocol=2)
+    nodes = _cluster_nodes(url)
+    client: Redis | RedisCluster
+    if nodes is None:
+        client = Redis.from_url(url, decode_responses=True, protocol=2)
+    else:
+        startup = [ClusterNode(host, port) for host, port in nodes]
+        client = RedisCluster(startup_nodes=startup, decode_responses=True, protocol=2)
     script = client.register_script(SCRIPT)
     try:
         return await _measure(lambda: script(keys=keys, args=ARGS), calls, concurrency)
@@ -61,19 +80,17 @@ async def _redis_py(url: str, keys: list[str], calls: int, concurrency: int) -> 
 async def _multiplexed(
     url: str, keys: list[str], calls: int, concurrency: int
 ) -> tuple[float, float]:
-    connection = MultiplexedConnection.from_url(url)
-    sha = _sha(url)
+    nodes = _cluster_nodes(url)
+    connection: MultiplexedConnection | ClusterScripts = (
+        MultiplexedConnection.from_url(url) if nodes is None else ClusterScripts(nodes)
+    )
+    sha = hashlib.sha1(SCRIPT.encode()).hexdigest()  # the first call loads it (NOSCRIPT)
     try:
         return await _measure(
             lambda: connection.evalsha(sha, SCRIPT, keys, ARGS), calls, concurrency
         )
     finally:
         await connection.aclose()
-
-
-def _sha(url: str) -> str:
-    with redis.Redis.from_url(url) as client:
-        return str(client.script_load(SCRIPT))
 
 
 CLIENTS = {"redis-py": _redis_py, "multiplexed": _multiplexed}
@@ -96,8 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run(client(args.redis_url, keys, args.calls, args.concurrency))
                 )
     finally:
-        with redis.Redis.from_url(args.redis_url) as cleanup:
-            cleanup.delete(*keys)
+        nodes = _cluster_nodes(args.redis_url)
+        if nodes is None:
+            with redis.Redis.from_url(args.redis_url) as cleanup:
+                cleanup.delete(*keys)
+        else:
+            with redis.RedisCluster(*nodes[0]) as cluster:
+                cluster.delete(*keys)
     medians = {
         name: (
             statistics.median(cpu for cpu, _ in runs),
