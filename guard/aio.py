@@ -1,8 +1,10 @@
-"""Small asyncio helpers shared by Guard's background loops."""
+"""Small asyncio helpers shared by Guard's background loops and connections."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 
 def honour_cancellation() -> None:
@@ -15,3 +17,13 @@ def honour_cancellation() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
+    """Cancel ``task`` unless it is done (or ``None``) and wait until it ends, whatever it
+    raises: for a close that must not leave a connection attempt running behind it."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import Engine as SqlEngine
@@ -197,3 +198,17 @@ def row(rows: list[Mapping[str, Any]], **match: object) -> Mapping[str, Any]:
     found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
     assert len(found) == 1, (match, rows)
     return found[0]
+
+
+def tenants_read(monkeypatch: pytest.MonkeyPatch, ledger: RedisLedger, method: str) -> list[Any]:
+    """The first argument (the tenant) of every call of ``ledger.<method>`` from now on, in
+    order; the calls still run. For the tests that count the dashboard's reads."""
+    reads: list[Any] = []
+    real = getattr(ledger, method)
+
+    async def recorded(first: Any, *rest: Any) -> Any:
+        reads.append(first)
+        return await real(first, *rest)
+
+    monkeypatch.setattr(ledger, method, recorded)
+    return reads

@@ -7,10 +7,9 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
 
 import pytest
-from dashboard_support import PARIS, UK_MOBILE, Harness, client_of, harness, row
+from dashboard_support import PARIS, UK_MOBILE, Harness, client_of, harness, row, tenants_read
 from prometheus_client.parser import text_string_to_metric_families
 
 from guard.config import repository
@@ -260,14 +259,7 @@ async def test_a_tenant_not_in_shadow_mode_shows_no_shadow_counters_and_reads_no
     repository.set_tenant(env.sql, "acme", actor="test", shadow=False)
     env.reload()
     assert (await env.authorize(number=UK_MOBILE)).allowed
-    reads: list[str] = []
-    real = env.shadow_ledger.counters
-
-    async def counting(tenant: str, day: str) -> Any:
-        reads.append(tenant)
-        return await real(tenant, day)
-
-    monkeypatch.setattr(env.shadow_ledger, "counters", counting)
+    reads = tenants_read(monkeypatch, env.shadow_ledger, "counters")
     async with client_of(env.dashboard()) as client:
         overview = await (await client.get("/api/overview")).json()
         tenant = await (await client.get("/api/tenants/acme")).json()
@@ -338,14 +330,7 @@ async def test_live_calls_read_no_shadow_counters_of_tenants_not_in_shadow_mode(
     _add_zeta(env)
     live = await env.authorize(number=UK_MOBILE)
     assert leftover.allowed and live.allowed
-    reads: list[str] = []
-    real = env.shadow_ledger.live_calls
-
-    async def counting(tenant: str) -> Any:
-        reads.append(tenant)
-        return await real(tenant)
-
-    monkeypatch.setattr(env.shadow_ledger, "live_calls", counting)
+    reads = tenants_read(monkeypatch, env.shadow_ledger, "live_calls")
     async with client_of(env.dashboard(stream_interval=0.05)) as client:
         body = await (await client.get("/api/calls")).json()
         page = await (await client.get("/calls")).text()

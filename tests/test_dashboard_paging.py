@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from dashboard_support import RATES, UK_MOBILE, Harness, client_of, harness
+from dashboard_support import RATES, UK_MOBILE, Harness, client_of, harness, tenants_read
 from prometheus_client.parser import text_string_to_metric_families
 
 from guard.config import repository
@@ -183,14 +183,7 @@ async def test_paging_walks_every_live_call_once_oldest_first(
     # Calls of both tenants start in the same seconds: ties go by tenant, then call id.
     shadowed = await _reserve(env.shadow_ledger, "acme", 300, start, per_second=1)
     live = await _reserve(env.ledger, "zeta", 1_200, start)
-    reads: list[str] = []
-    real = env.ledger.live_calls
-
-    async def counting(tenant: str) -> Any:
-        reads.append(tenant)
-        return await real(tenant)
-
-    monkeypatch.setattr(env.ledger, "live_calls", counting)
+    reads = tenants_read(monkeypatch, env.ledger, "live_calls")
     async with client_of(env.dashboard()) as client:
         rows, pages = await _walk(client, "/api/calls", "calls", limit="500")
         zeta, zeta_pages = await _walk(client, "/api/calls", "calls", tenant="zeta")

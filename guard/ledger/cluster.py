@@ -22,13 +22,13 @@ before the first call, and again before the next call after anything went wrong:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError, ResponseError
 
+from guard.aio import cancel_and_wait
 from guard.ledger.multiplex import STALE_AFTER, Argument, MultiplexedConnection
 
 Node = tuple[str, int]
@@ -91,10 +91,7 @@ class ClusterScripts:
     async def aclose(self) -> None:
         """Close every connection; calls still waiting fail."""
         refreshing, self._refreshing = self._refreshing, None
-        if refreshing is not None and not refreshing.done():
-            refreshing.cancel()
-            with contextlib.suppress(BaseException):
-                await refreshing
+        await cancel_and_wait(refreshing)
         connections, self._connections = list(self._connections.values()), {}
         for connection in connections:
             await connection.aclose()

@@ -49,6 +49,8 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from guard.aio import cancel_and_wait
+
 #: Default seconds a command may wait for its reply before the connection counts as lost.
 STALE_AFTER = 2.0
 
@@ -334,8 +336,5 @@ class MultiplexedConnection:
     async def aclose(self) -> None:
         """Close the connection; commands still waiting fail."""
         connecting, self._connecting = self._connecting, None
-        if connecting is not None and not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
+        await cancel_and_wait(connecting)
         self._drop()
