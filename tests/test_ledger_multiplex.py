@@ -1049,6 +1049,22 @@ async def use_both_clients(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch)
     return ran
 
 
+def refused_then_accepted(
+    loop_factory: LoopFactory, refused: str, accepted: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], list[str]]:
+    """On a fresh loop: the errors of both clients of a ledger on ``refused``, then the scripts
+    a ledger on ``accepted`` runs with both clients."""
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with ledger_from_url(refused, timeout=2.0) as ledger:
+            errors = await both_clients_fail(ledger)
+        async with ledger_from_url(accepted, timeout=2.0) as ledger:
+            ran = await use_both_clients(ledger, monkeypatch)
+        return errors, ran
+
+    return run_on(loop_factory, main)
+
+
 def test_from_url_builds_redis_py_tls_context_with_its_defaults(tmp_path: Path) -> None:
     ca = tls_files(trustme.CA(), tmp_path, "127.0.0.1").ca
     conn = MultiplexedConnection.from_url(
@@ -1151,15 +1167,7 @@ def test_rediss_checks_the_host_name_unless_told_not_to(
     try:
         checked = tls_url(server)
         unchecked = tls_url(server, options="&ssl_check_hostname=false")
-
-        async def main() -> tuple[list[str], list[str]]:
-            async with ledger_from_url(checked, timeout=2.0) as ledger:
-                errors = await both_clients_fail(ledger)
-            async with ledger_from_url(unchecked, timeout=2.0) as ledger:
-                ran = await use_both_clients(ledger, monkeypatch)
-            return errors, ran
-
-        errors, ran = run_on(loop_factory, main)
+        errors, ran = refused_then_accepted(loop_factory, checked, unchecked, monkeypatch)
         assert script_runs(server) == 2
     finally:
         server.stop()
@@ -1185,15 +1193,7 @@ def test_rediss_client_certificate_from_the_url_is_shown_to_a_server_that_requir
     try:
         anonymous = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={tls.ca}"
         with_cert = f"{anonymous}&ssl_certfile={client_tls.cert}&ssl_keyfile={client_tls.key}"
-
-        async def main() -> tuple[list[str], list[str]]:
-            async with ledger_from_url(anonymous, timeout=2.0) as ledger:
-                errors = await both_clients_fail(ledger)
-            async with ledger_from_url(with_cert, timeout=2.0) as ledger:
-                ran = await use_both_clients(ledger, monkeypatch)
-            return errors, ran
-
-        errors, ran = run_on(loop_factory, main)
+        errors, ran = refused_then_accepted(loop_factory, anonymous, with_cert, monkeypatch)
         assert script_runs(server) == 2
     finally:
         server.stop()
