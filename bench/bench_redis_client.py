@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from guard.ledger.cluster import ClusterScripts
 from guard.ledger.multiplex import MultiplexedConnection
+from guard.ledger.storage import split_netloc
 from guard.workers import run
 
 SCRIPT = """
@@ -55,11 +56,12 @@ async def _measure(call: Call, calls: int, concurrency: int) -> tuple[float, flo
 
 
 def _cluster_nodes(url: str) -> list[tuple[str, int]] | None:
-    """The startup nodes of a ``redis+cluster://`` URL; ``None`` for any other URL."""
+    """The startup nodes of a ``redis+cluster://`` URL, as the ledger reads them; ``None`` for
+    any other URL."""
     scheme, _, rest = url.partition("://")
     if scheme != "redis+cluster":
         return None
-    return [(host, int(port)) for host, _, port in (n.rpartition(":") for n in rest.split(","))]
+    return split_netloc(rest, 6379)[2]
 
 
 async def _redis_py(url: str, keys: list[str], calls: int, concurrency: int) -> tuple[float, float]:

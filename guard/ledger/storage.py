@@ -95,7 +95,7 @@ def _client_options(timeout: float) -> dict[str, Any]:
     }
 
 
-def _split_netloc(
+def split_netloc(
     rest: str, default_port: int
 ) -> tuple[str | None, str | None, list[tuple[str, int]], str]:
     """Split ``[user[:password]@]host[:port][,…][/path]`` into credentials, hosts and path."""
@@ -129,7 +129,7 @@ def _redis_multiplexed(url: str, timeout: float) -> _Backend:
 
 
 def _sentinel(url: str, timeout: float) -> _Backend:
-    username, password, hosts, path = _split_netloc(url.partition("://")[2], _SENTINEL_PORT)
+    username, password, hosts, path = split_netloc(url.partition("://")[2], _SENTINEL_PORT)
     service, _, db = path.strip("/").partition("/")
     if not service:
         raise ValueError("the service name is missing (…/service_name[/db])")
@@ -149,7 +149,7 @@ def _sentinel(url: str, timeout: float) -> _Backend:
 
 
 def _cluster(url: str, timeout: float) -> _Backend:
-    username, password, hosts, path = _split_netloc(url.partition("://")[2], _REDIS_PORT)
+    username, password, hosts, path = split_netloc(url.partition("://")[2], _REDIS_PORT)
     if path.strip("/"):
         raise ValueError("a cluster URL has no path (no database number in a cluster)")
     client = RedisCluster(
