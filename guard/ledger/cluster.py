@@ -85,6 +85,8 @@ class ClusterScripts:
                     raise
                 moved = True  # it did not run: once more, on the owner the new map names
             except BaseException:
+                # A timeout too: a master that stopped answering keeps its TCP connections (and
+                # a new one is accepted by its kernel), so only a new map finds its replacement.
                 self._forget_map()
                 raise
 
